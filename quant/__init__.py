@@ -1,0 +1,23 @@
+"""Post-training quantization of stable-audio-tools' DiffusionTransformer (and any tree of nn.Linear).
+
+    stats = quant.calibrate(model, lambda: run_sampler(model, prompts))   # static / smoothquant / sqd
+    quant.quantize_(model, quant.get_recipe("w8a8-sqd"), stats)
+    print(quant.memory_report(model))
+    quant.save(model, "w8a8-sqd", "dit_w8a8_sqd.safetensors")
+
+Imports only torch, safetensors and tqdm (stable_audio_tools only inside the CLI's functions).
+"""
+from .api import load, quantization_targets, quantize_, quantized_layers, read_recipe, save
+from .linear import QuantLinear
+from .lowrank import LowRankBranch
+from .memory import MemoryReport, memory_report
+from .model import find_dit, linear_layers
+from .observers import CalibrationStats, calibrate
+from .recipes import DEFAULT_SKIP, PRESETS, Recipe, get_recipe
+from .timestep import TimestepTracker
+
+__all__ = [
+    "CalibrationStats", "DEFAULT_SKIP", "LowRankBranch", "MemoryReport", "PRESETS", "QuantLinear", "Recipe",
+    "TimestepTracker", "calibrate", "find_dit", "get_recipe", "linear_layers", "load", "memory_report",
+    "quantization_targets", "quantize_", "quantized_layers", "read_recipe", "save",
+]

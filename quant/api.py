@@ -1,0 +1,141 @@
+"""Apply a recipe to a model in place, and store / restore the result (safetensors + recipe JSON)."""
+import json
+
+import torch
+from torch import nn
+
+from .linear import QuantLinear
+from .model import find_dit, linear_layers, matches_any, replace_module
+from .observers import CalibrationStats
+from .recipes import Recipe, get_recipe
+from .timestep import TimestepTracker
+
+_FORMAT = "audio-dit-ptq/quantized-1"
+
+
+def quantization_targets(model: nn.Module, recipe: Recipe) -> dict[str, nn.Linear]:
+    """The DiT's linears that `recipe` quantizes (all minus those matching `recipe.skip`), by DiT-relative name."""
+    return {name: layer for name, layer in linear_layers(find_dit(model)).items()
+            if not matches_any(name, recipe.skip)}
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    """The QuantLinear layers of the model's DiT, by DiT-relative name."""
+    return {name: m for name, m in find_dit(model).named_modules() if isinstance(m, QuantLinear)}
+
+
+def _as_recipe(recipe) -> Recipe:
+    return get_recipe(recipe) if isinstance(recipe, str) else recipe
+
+
+def _check_not_quantized(root: nn.Module) -> None:
+    if any(isinstance(m, QuantLinear) for m in root.modules()):
+        raise ValueError("the model is already quantized: start again from a full-precision model")
+
+
+@torch.no_grad()
+def quantize_(model: nn.Module, recipe: Recipe | str, stats: CalibrationStats | None = None, *,
+              progress: bool = False) -> nn.Module:
+    """Swap the DiT's nn.Linear layers for QuantLinear in place (skipping `recipe.skip`); returns `model`.
+
+    model: a SAT `diffusion_cond` model, a bare DiffusionTransformer, or any module tree of linears.
+    stats: from `quant.calibrate`; required by static, smoothquant and sqd recipes.
+    """
+    recipe = _as_recipe(recipe)
+    root = find_dit(model)
+    _check_not_quantized(root)
+    if recipe.needs_calibration and stats is None:
+        raise ValueError(f"recipe '{recipe.name}' (method '{recipe.method}') needs calibration statistics: "
+                         "run stats = quant.calibrate(model, forward_loop) first and pass stats=stats")
+    targets = quantization_targets(root, recipe)
+    if not targets:
+        raise ValueError(f"recipe '{recipe.name}' leaves no nn.Linear layer to quantize (skip={recipe.skip})")
+    groups = recipe.timestep_groups
+    boundaries = stats.group_boundaries(groups) if recipe.needs_calibration else None
+    tracker = TimestepTracker.shared(root) if groups > 1 else None
+    items = targets.items()
+    if progress:
+        from tqdm.auto import tqdm
+        items = tqdm(items, desc=f"quantizing ({recipe.name})", unit="layer")
+    for name, linear in items:
+        absmax = stats.grouped_absmax(name, boundaries) if recipe.needs_calibration else None
+        replace_module(root, name, QuantLinear.from_float(linear, recipe, absmax, boundaries, tracker))
+    return model
+
+
+def save(model: nn.Module, recipe: Recipe | str, path) -> None:
+    """Write the model's whole state (quantized layers included) as safetensors, the recipe in the metadata.
+
+    Load it with `quant.load(fresh_fp_model, path)`: no calibration, no FP checkpoint for the DiT needed.
+    """
+    from safetensors.torch import save_file
+    recipe = _as_recipe(recipe)
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError("the model has no quantized layers: call quant.quantize_(model, recipe, stats) first")
+    for name, layer in layers.items():
+        if layer.recipe.hash() != recipe.hash():
+            raise ValueError(f"layer '{name}' was quantized with recipe '{layer.recipe.name}', not '{recipe.name}'")
+    state = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
+    layer_shapes = {name: [layer.out_features, layer.in_features, layer.bias is not None]
+                    for name, layer in layers.items()}
+    save_file(state, str(path), metadata={
+        "format": _FORMAT, "recipe": json.dumps(recipe.to_dict()), "layers": json.dumps(layer_shapes)})
+
+
+def read_recipe(path) -> Recipe:
+    """The recipe stored in a file written by `quant.save`."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != _FORMAT:
+        raise ValueError(f"{path} was not written by quant.save (format {metadata.get('format')!r})")
+    return Recipe.from_dict(json.loads(metadata["recipe"]))
+
+
+@torch.no_grad()
+def load(model: nn.Module, path, *, recipe: Recipe | str | None = None) -> Recipe:
+    """Quantize a freshly built FP `model` (same config) from a file written by `quant.save`; returns its recipe.
+
+    Raises ValueError when the file's recipe differs from `recipe` (if given), or when its layers or
+    tensor shapes do not fit the model; the model is left unchanged then.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    file_recipe = read_recipe(path)
+    if recipe is not None:
+        recipe = _as_recipe(recipe)
+        if recipe.hash() != file_recipe.hash():
+            diff = {k: (v, file_recipe.to_dict()[k]) for k, v in recipe.to_dict().items()
+                    if k != "name" and v != file_recipe.to_dict()[k]}
+            raise ValueError(f"{path} holds recipe '{file_recipe.name}', not '{recipe.name}' "
+                             f"(field: (expected, in file) = {diff})")
+    with safe_open(str(path), framework="pt") as f:
+        saved = json.loads(f.metadata()["layers"])
+    root = find_dit(model)
+    _check_not_quantized(root)
+    targets = quantization_targets(root, file_recipe)
+    if set(saved) != set(targets):
+        only_file = sorted(set(saved) - set(targets))[:5]
+        only_model = sorted(set(targets) - set(saved))[:5]
+        raise ValueError(f"{path} does not fit this model: layers only in the file {only_file}, "
+                         f"only in the model {only_model}")
+    wrong = [f"{name}: file {saved[name]}, model {[m.out_features, m.in_features, m.bias is not None]}"
+             for name, m in targets.items()
+             if saved[name] != [m.out_features, m.in_features, m.bias is not None]]
+    if wrong:
+        raise ValueError(f"{path} does not fit this model, layer shapes differ: {wrong[:5]}")
+
+    tracker = TimestepTracker.shared(root) if file_recipe.timestep_groups > 1 else None
+    for name, linear in targets.items():
+        layer = QuantLinear(linear.in_features, linear.out_features, file_recipe, bias=linear.bias is not None,
+                            dtype=linear.weight.dtype, device=linear.weight.device)
+        layer.attach(tracker)
+        replace_module(root, name, layer)
+    try:
+        model.load_state_dict(load_file(str(path), device=str(next(iter(targets.values())).weight.device)))
+    except RuntimeError as error:
+        for name, linear in targets.items():  # put the float layers back: the model stays usable
+            replace_module(root, name, linear)
+        raise ValueError(f"{path} does not fit this model: {error}") from None
+    return file_recipe

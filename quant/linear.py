@@ -1,0 +1,272 @@
+"""QuantLinear: a drop-in nn.Linear replacement that holds quantized weights and runs one of two backends.
+
+Both backends hold the same buffers (so memory and files do not depend on the backend):
+  qweight        int8 (C, out, in), or uint8 (C, out, in/2) for int4 (two codes per byte);
+                 float (C, out, in) when w_bits=16
+  weight_scale   float32 (C, out, S): S=1 per output channel, S=in/group_size per group
+  smooth         float32 (G, in)   SmoothQuant divisors, one row per timestep group (smoothquant, sqd)
+  act_scale      float32 (G,)      calibrated per-tensor activation scale (static, smoothquant)
+  timestep_boundaries float32 (G-1,) group edges in t
+  lowrank        C LowRankBranch modules (lora_rank > 0)
+G = recipe.timestep_groups; C = G when the recipe smooths (the smoothed weight W * s_g differs per
+group, so each group needs its own quantized copy), else 1.
+
+Backends:
+  "simulated": activations and weights quantized-dequantized, float matmul: the reference semantics.
+  "integer": activations quantized to int8 codes, int8 x int8 -> int32 matmul (`kernels.int_matmul`),
+             one float rescale. int4 weights are unpacked to int8 per call. Weight-only recipes
+             dequantize the weight to the input dtype per call (no x86 kernel takes int weights with
+             float activations quickly). Per-group weight scales only with weight-only recipes.
+Smoothing divides x by s at run time (fused into the activation quantizer's input); the branch sees the
+smoothed, unquantized activation, matching the residual it was fitted on.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels import quantize_per_tensor, quantize_per_token, scaled_int_matmul
+from .lowrank import LowRankBranch, fit_low_rank
+from .primitives import (dequantize_weight, fake_quant, fake_quant_weight, pack_int4, per_token_scale,
+                         quantize_weight, scale_from_absmax, unpack_int4)
+from .recipes import Recipe
+from .smooth import smoothing_factors
+from .timestep import TimestepTracker, group_index
+
+
+class QuantLinear(nn.Module):
+    """Quantized replacement for `nn.Linear`. Build with `QuantLinear.from_float(...)`.
+
+    The constructor only allocates correctly shaped, empty buffers (used by `quant.load`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, recipe: Recipe, *, bias: bool = True,
+                 dtype=torch.float32, device=None):
+        super().__init__()
+        if recipe.w_bits == 4 and in_features % 2:
+            raise ValueError(f"int4 weights are packed two per byte: in_features must be even, got {in_features}")
+        if recipe.group_size is not None and in_features % recipe.group_size:
+            raise ValueError(f"group_size {recipe.group_size} does not divide in_features {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.recipe = recipe
+        self.dtype = dtype  # the original weight dtype: bias, float weights and the simulated cache use it
+        self.tracker: TimestepTracker | None = None
+        self._boundaries: list[float] | None = None  # Python copy of timestep_boundaries, filled lazily
+        self._weight_cache = None  # simulated backend: (copy index, dtype, dequantized weight)
+
+        groups = recipe.timestep_groups
+        copies = groups if recipe.smooths else 1
+        kwargs = dict(device=device)
+        if recipe.w_bits == 16:
+            self.register_buffer("qweight", torch.zeros(copies, out_features, in_features, dtype=dtype, **kwargs))
+            self.register_buffer("weight_scale", None)
+        else:
+            packed_in = in_features // 2 if recipe.w_bits == 4 else in_features
+            code_dtype = torch.uint8 if recipe.w_bits == 4 else torch.int8
+            self.register_buffer("qweight", torch.zeros(copies, out_features, packed_in, dtype=code_dtype, **kwargs))
+            scales_per_row = 1 if recipe.group_size is None else in_features // recipe.group_size
+            self.register_buffer("weight_scale", torch.ones(copies, out_features, scales_per_row, **kwargs))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kwargs) if bias else None)
+        self.register_buffer("smooth", torch.ones(groups, in_features, **kwargs) if recipe.smooths else None)
+        static = recipe.quantizes_activations and not recipe.dynamic_activations
+        self.register_buffer("act_scale", torch.ones(groups, **kwargs) if static else None)
+        self.register_buffer("timestep_boundaries", torch.zeros(groups - 1, **kwargs) if groups > 1 else None)
+        self.lowrank = nn.ModuleList(
+            LowRankBranch(in_features, out_features, recipe.lora_rank, getattr(torch, recipe.lora_dtype)).to(device)
+            for _ in range(copies)) if recipe.lora_rank else None
+        self.register_load_state_dict_post_hook(_forget_derived_after_load)
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, linear: nn.Linear, recipe: Recipe, layer_absmax: torch.Tensor | None = None,
+                   boundaries: list[float] | None = None, tracker: TimestepTracker | None = None) -> "QuantLinear":
+        """Quantize `linear` following `recipe`.
+
+        layer_absmax: float (G, in) per-input-channel max |x| per timestep group, from calibration
+            (required when `recipe.needs_calibration`). boundaries: the G-1 group edges in t.
+        tracker: where the layer reads the current timestep (needed when G > 1).
+        """
+        groups = recipe.timestep_groups
+        weight = linear.weight.detach().float()  # (out, in)
+        layer = cls(linear.in_features, linear.out_features, recipe, bias=linear.bias is not None,
+                    dtype=linear.weight.dtype, device=linear.weight.device)
+        if recipe.needs_calibration:
+            if layer_absmax is None or tuple(layer_absmax.shape) != (groups, linear.in_features):
+                got = None if layer_absmax is None else tuple(layer_absmax.shape)
+                raise ValueError(f"recipe '{recipe.name}' needs calibration statistics of shape "
+                                 f"({groups}, {linear.in_features}), got {got}")
+            layer_absmax = layer_absmax.to(weight.device).float()
+        if groups > 1:
+            if boundaries is None or len(boundaries) != groups - 1:
+                raise ValueError(f"recipe '{recipe.name}' has {groups} timestep groups: pass {groups - 1} boundaries")
+            layer.timestep_boundaries.copy_(torch.tensor(boundaries))
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach())
+
+        factors = smoothing_factors(layer_absmax, weight, recipe.alpha) if recipe.smooths else None  # (G, in)
+        if factors is not None:
+            layer.smooth.copy_(factors)
+        weight_copies = [weight * f for f in factors] if factors is not None else [weight]
+        for copy_index, w in enumerate(weight_copies):
+            layer._store_weight(copy_index, w)
+
+        if layer.act_scale is not None:
+            act_absmax = layer_absmax / factors if factors is not None else layer_absmax  # (G, in)
+            layer.act_scale.copy_(scale_from_absmax(act_absmax.amax(dim=1), recipe.a_bits))
+        layer.attach(tracker)
+        return layer
+
+    def _store_weight(self, copy_index: int, w: torch.Tensor) -> None:
+        """Quantize one (smoothed) weight copy w (out, in), fitting the low-rank branch first if any."""
+        recipe = self.recipe
+        if recipe.w_bits == 16:
+            self.qweight[copy_index] = w.to(self.dtype)
+            return
+        if self.lowrank is not None:
+            def quantizer(m):
+                return fake_quant_weight(m, recipe.w_bits, recipe.group_size)
+            w, a, b = fit_low_rank(w, quantizer, recipe.lora_rank, recipe.lora_iterations)
+            self.lowrank[copy_index].A.copy_(a)
+            self.lowrank[copy_index].B.copy_(b)
+        codes, scale = quantize_weight(w, recipe.w_bits, recipe.group_size)
+        self.qweight[copy_index] = pack_int4(codes) if recipe.w_bits == 4 else codes
+        self.weight_scale[copy_index] = scale
+
+    def attach(self, tracker: TimestepTracker | None) -> None:
+        """Read the current timestep from `tracker` (layers with several timestep groups need one)."""
+        self.tracker = tracker
+
+    def _forget_derived(self) -> None:
+        """Drop values computed from buffers (they change when a state dict is loaded)."""
+        self._boundaries = None
+        self._weight_cache = None
+
+    # ---- views of the stored state ------------------------------------------------------------
+
+    @property
+    def n_groups(self) -> int:
+        return self.recipe.timestep_groups
+
+    def group_for(self, t: float | None = None) -> int:
+        """Timestep group in force at `t` (default: the tracker's current timestep)."""
+        if self.n_groups == 1:
+            return 0
+        if t is None and self.tracker is not None:
+            t = self.tracker.t
+        if t is None:
+            raise ValueError(f"this layer uses {self.n_groups} timestep groups but no timestep is known: run it "
+                             "inside the DiT forward (quant.quantize_ attaches a TimestepTracker) or pass t")
+        if self._boundaries is None:
+            self._boundaries = self.timestep_boundaries.tolist()
+        return group_index(t, self._boundaries)
+
+    def _copy_for(self, group: int) -> int:
+        return group if self.recipe.smooths else 0
+
+    def weight_codes(self, copy_index: int = 0) -> torch.Tensor:
+        """Integer weight codes int8 (out, in) of one copy (int4 unpacked)."""
+        codes = self.qweight[copy_index]
+        return unpack_int4(codes) if self.recipe.w_bits == 4 else codes
+
+    def dequantized_weight(self, copy_index: int = 0, dtype=torch.float32) -> torch.Tensor:
+        """Q(W * s) of one copy as a float matrix (out, in), without the low-rank branch."""
+        if self.recipe.w_bits == 16:
+            return self.qweight[copy_index].to(dtype)
+        return dequantize_weight(self.weight_codes(copy_index), self.weight_scale[copy_index]).to(dtype)
+
+    def effective_weight(self, t: float | None = None) -> torch.Tensor:
+        """The float weight (out, in) this layer applies to unsmoothed x at `t`: (Q(W s) + L) / s."""
+        group = self.group_for(t)
+        copy_index = self._copy_for(group)
+        w = self.dequantized_weight(copy_index)
+        if self.lowrank is not None:
+            w = w + self.lowrank[copy_index].weight()
+        if self.smooth is not None:
+            w = w / self.smooth[group]  # (x / s) M^T = x (M / s)^T, column-wise
+        return w
+
+    def smoothing_for(self, t: float | None = None) -> torch.Tensor | None:
+        """Per-input-channel divisor s (in,) in force at timestep t; None without smoothing."""
+        return None if self.smooth is None else self.smooth[self.group_for(t)]
+
+    def input_fake_quant(self, x: torch.Tensor, t: float | None = None) -> torch.Tensor:
+        """The activation exactly as the quantized matmul sees it: smoothed, then quantized-dequantized."""
+        group = self.group_for(t)
+        return self._fake_quant_input(self._smoothed(x.float(), group), group).to(x.dtype)
+
+    def _smoothed(self, x: torch.Tensor, group: int) -> torch.Tensor:
+        return x / self.smooth[group] if self.smooth is not None else x
+
+    def _fake_quant_input(self, x: torch.Tensor, group: int) -> torch.Tensor:
+        bits = self.recipe.a_bits
+        if not self.recipe.quantizes_activations:
+            return x
+        scale = per_token_scale(x, bits) if self.recipe.dynamic_activations else self.act_scale[group]
+        return fake_quant(x, scale, bits)
+
+    def _cached_weight(self, copy_index: int, dtype) -> torch.Tensor:
+        """Simulated backend: dequantize once per copy/dtype, keep it until the group changes."""
+        cache = self._weight_cache
+        if cache is None or cache[0] != copy_index or cache[1] != dtype:
+            cache = self._weight_cache = (copy_index, dtype, self.dequantized_weight(copy_index, dtype))
+        return cache[2]
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        recipe = self.recipe
+        group = self.group_for()
+        copy_index = self._copy_for(group)
+        x2 = x.reshape(-1, self.in_features)  # (tokens, in)
+
+        if not recipe.quantizes_activations:  # weight-only: float matmul on the dequantized weight
+            if recipe.backend == "simulated":
+                w = self._cached_weight(copy_index, x.dtype)
+            else:
+                w = self.dequantized_weight(copy_index, x.dtype)
+            y = F.linear(x2, w, self.bias)
+            branch_input = x2
+        else:
+            xs = self._smoothed(x2.float(), group)  # (tokens, in) float32
+            bias = None if self.bias is None else self.bias.float()
+            if recipe.backend == "simulated":
+                y = F.linear(self._fake_quant_input(xs, group), self._cached_weight(copy_index, torch.float32), bias)
+            else:
+                if recipe.dynamic_activations:
+                    codes, x_scale = quantize_per_token(xs, recipe.a_bits)
+                else:
+                    x_scale = self.act_scale[group]
+                    codes = quantize_per_tensor(xs, x_scale, recipe.a_bits)
+                w_scale = self.weight_scale[copy_index, :, 0]  # (out,)
+                y = scaled_int_matmul(codes, x_scale, self.weight_codes(copy_index).t(), w_scale, bias)
+            branch_input = xs
+
+        if self.lowrank is not None:
+            y = y.add_(self.lowrank[copy_index](branch_input).to(y.dtype))
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    # ---- bookkeeping --------------------------------------------------------------------------
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes this layer holds, by kind (the simulated backend's dequantized cache included)."""
+        def nbytes(*tensors):
+            return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        cache = self._weight_cache[2] if self._weight_cache is not None else None
+        return {
+            "weight": nbytes(self.qweight),
+            "scales": nbytes(self.weight_scale, self.act_scale, self.timestep_boundaries),
+            "smoothing": nbytes(self.smooth),
+            "lowrank": nbytes(*(t for branch in (self.lowrank or []) for t in (branch.A, branch.B))),
+            "bias": nbytes(self.bias),
+            "cache": nbytes(cache),
+        }
+
+    def extra_repr(self) -> str:
+        r = self.recipe
+        return (f"in_features={self.in_features}, out_features={self.out_features}, W{r.w_bits}A{r.a_bits} "
+                f"{r.method}, groups={r.timestep_groups}, lora_rank={r.lora_rank}, backend={r.backend}")
+
+
+def _forget_derived_after_load(module: QuantLinear, incompatible_keys) -> None:
+    module._forget_derived()

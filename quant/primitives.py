@@ -1,0 +1,120 @@
+"""Quantizer math as pure functions: symmetric scales, (de)quantization, int4 packing, SQNR.
+
+Every quantizer in this library is *symmetric* (zero point 0) and uses the restricted range
+[-qmax, qmax] with qmax = 2**(bits-1) - 1 (127 for 8 bit, 7 for 4 bit), so that negating a
+tensor negates its codes exactly. Scales are float32 and never zero (clamped to `EPS`).
+"""
+import torch
+
+EPS = 1e-8  # smallest scale: an all-zero row quantizes to zeros instead of dividing by zero
+
+
+def qmax(bits: int) -> int:
+    """Largest code of a symmetric `bits`-bit quantizer (127 for 8, 7 for 4)."""
+    return 2 ** (bits - 1) - 1
+
+
+def scale_from_absmax(absmax: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric scale that maps |x| <= absmax onto [-qmax, qmax]."""
+    return (absmax.float() / qmax(bits)).clamp(min=EPS)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round x / scale to int8 codes in [-qmax, qmax] (scale broadcasts against x)."""
+    q = qmax(bits)
+    return torch.round(x.float() / scale).clamp_(-q, q).to(torch.int8)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """codes * scale in float32."""
+    return codes.float() * scale
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize then dequantize: the value a quantized matmul really sees, in x's dtype."""
+    return dequantize(quantize(x, scale, bits), scale).to(x.dtype)
+
+
+# ---- granularities -------------------------------------------------------------------------
+
+def per_tensor_scale(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """One scale for the whole tensor: shape ()."""
+    return scale_from_absmax(x.abs().amax(), bits)
+
+
+def per_token_scale(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """One scale per row of the last dimension: x (..., in) -> (..., 1)."""
+    return scale_from_absmax(x.abs().amax(dim=-1, keepdim=True), bits)
+
+
+def per_channel_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """One scale per output channel: w (out, in) -> (out, 1)."""
+    return scale_from_absmax(w.abs().amax(dim=1, keepdim=True), bits)
+
+
+def per_group_scale(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """One scale per `group_size` consecutive input channels: w (out, in) -> (out, in // group_size)."""
+    out_features, in_features = w.shape
+    if in_features % group_size:
+        raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+    groups = w.reshape(out_features, in_features // group_size, group_size)
+    return scale_from_absmax(groups.abs().amax(dim=-1), bits)
+
+
+def expand_group_scale(scale: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Broadcast a weight scale to (out, in): per-channel (out, 1) stays, per-group repeats."""
+    if scale.shape[-1] == 1:
+        return scale
+    return scale.repeat_interleave(in_features // scale.shape[-1], dim=-1)
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None):
+    """Symmetric weight quantization. w (out, in) -> codes int8 (out, in), scale (out, 1 or in/group)."""
+    scale = per_channel_scale(w, bits) if group_size is None else per_group_scale(w, bits, group_size)
+    codes = quantize(w, expand_group_scale(scale, w.shape[1]), bits)
+    return codes, scale
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of `quantize_weight` (float32)."""
+    return dequantize(codes, expand_group_scale(scale, codes.shape[-1]))
+
+
+def fake_quant_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """Q(w): the weight as the quantized layer holds it, in float32."""
+    return dequantize_weight(*quantize_weight(w, bits, group_size))
+
+
+# ---- int4 storage --------------------------------------------------------------------------
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two signed 4-bit codes per byte along the last dim: int8 (..., n) in [-8, 7] -> uint8 (..., n/2).
+
+    Planar layout: element k of the first half goes to the low nibble of byte k, element k of the
+    second half to its high nibble. Unpacking then writes two contiguous halves (two shifts and a
+    concatenation), several times faster on CPU than interleaving even/odd elements.
+    """
+    if codes.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even last dimension, got {tuple(codes.shape)}")
+    if codes.numel() and not codes.is_meta and (codes.min() < -8 or codes.max() > 7):
+        raise ValueError("int4 packing needs codes in [-8, 7]")
+    low, high = codes.to(torch.uint8).chunk(2, dim=-1)
+    return (low & 0x0F) | (high << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4`: uint8 (..., n/2) -> int8 (..., n), sign-extended."""
+    signed = packed.view(torch.int8)
+    low = torch.bitwise_left_shift(signed, 4) >> 4  # arithmetic shift sign-extends the low nibble
+    return torch.cat((low, signed >> 4), dim=-1)
+
+
+# ---- error metric --------------------------------------------------------------------------
+
+def sqnr(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 20 log10(||ref|| / ||ref - approx||)."""
+    reference, approximation = reference.detach().double(), approximation.detach().double()
+    noise = torch.linalg.vector_norm(reference - approximation)
+    if noise == 0:
+        return float("inf")
+    return float(20 * torch.log10(torch.linalg.vector_norm(reference) / noise))

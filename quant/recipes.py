@@ -1,0 +1,179 @@
+"""Recipes: one frozen dataclass per quantization configuration, plus the named presets.
+
+A preset name reads `w{W}a{A}-{method}[+lora]`, e.g. `w4a8-sqd+lora`; weight-only presets are
+`w8a16` / `w4a16` (and `+lora`).
+"""
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+BITS = (4, 8, 16)
+METHODS = ("static", "dynamic", "smoothquant", "sqd", "weight-only")
+BACKENDS = ("simulated", "integer")
+LORA_DTYPES = ("float32", "float16", "bfloat16")
+
+# Layers kept in full precision by default (fnmatch patterns on names relative to the DiT).
+# Together they hold < 1 % of SAO's DiT weights, so skipping them costs almost no memory.
+DEFAULT_SKIP = (
+    # Conditioning embedders: run on one vector (timestep, global) or a few tokens per step, so there
+    # is no speed to gain, and their output conditions every block: an error here reaches everywhere.
+    "to_timestep_embed.*",
+    "to_cond_embed.*",
+    "to_global_embed.*",
+    "to_prepend_embed.*",
+    # I/O projections between the 64 latent channels and the model width: tiny, and project_out writes
+    # the model's prediction directly, with no later layer to absorb its error.
+    "transformer.project_in",
+    "transformer.project_out",
+    # Not skipped: `*.ff.ff.2` (feed-forward output after SwiGLU). A practitioner report found it fragile
+    # under dynamic FP8 on SAO; the benchmark measures its sensitivity before anyone skips it by default.
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One post-training quantization configuration of the DiT's linear layers.
+
+    Args:
+        name: label shown in reports (not part of `hash()`).
+        w_bits: weight bits, 4 | 8 | 16 (16 = weights kept in float; simulated backend only).
+        a_bits: activation bits, 4 | 8 | 16 (16 = weight-only).
+        method: "static" (per-tensor activation scale from calibration), "dynamic" (per-token scale at
+            run time), "smoothquant" (static + smoothing), "sqd" (dynamic + timestep-aware smoothing),
+            "weight-only".
+        alpha: SmoothQuant migration strength in [0, 1].
+        timestep_groups: number of timestep groups with their own smoothing (sqd, smoothquant) or
+            activation scale (static); 1 = one for all timesteps. Costs one weight copy per group
+            when smoothing (the smoothed weight differs per group).
+        lora_rank: rank of the SVD low-rank branch on the residual weight error (0 = none).
+        lora_iterations: alternations Q = Q(W - L), L = SVD_r(W - Q) (1 = plain SVD of W - Q(W)).
+        lora_dtype: dtype the branch is stored and run in.
+        group_size: per-group weight scales along the input dimension (None = per output channel).
+            The integer backend supports it for weight-only recipes only (a per-group scale along K
+            cannot be factored out of one integer matmul).
+        skip: fnmatch patterns of layer names (relative to the DiT) left in full precision.
+        backend: "simulated" (fake quant in float: the reference) or "integer" (int8 matmul).
+    """
+
+    name: str = "custom"
+    w_bits: int = 8
+    a_bits: int = 8
+    method: str = "dynamic"
+    alpha: float = 0.5
+    timestep_groups: int = 1
+    lora_rank: int = 0
+    lora_iterations: int = 1
+    lora_dtype: str = "bfloat16"
+    group_size: int | None = None
+    skip: tuple[str, ...] = DEFAULT_SKIP
+    backend: str = "integer"
+
+    def __post_init__(self):
+        object.__setattr__(self, "skip", tuple(self.skip))
+        for field_name in ("w_bits", "a_bits"):
+            value = getattr(self, field_name)
+            if value not in BITS:
+                raise ValueError(f"Recipe.{field_name} must be one of {BITS}, got {value!r}")
+        _check_choice("method", self.method, METHODS)
+        _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("lora_dtype", self.lora_dtype, LORA_DTYPES)
+        if (self.method == "weight-only") != (self.a_bits == 16):
+            raise ValueError(f"Recipe.a_bits={self.a_bits} does not fit method '{self.method}': "
+                             "a_bits=16 means weight-only, and weight-only means a_bits=16")
+        if self.w_bits == 16 and self.a_bits == 16:
+            raise ValueError("Recipe.w_bits=16 with a_bits=16 quantizes nothing")
+        if self.w_bits == 16 and self.backend == "integer":
+            raise ValueError("Recipe.w_bits=16 keeps float weights: use backend='simulated'")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"Recipe.alpha must be in [0, 1], got {self.alpha}")
+        if not isinstance(self.timestep_groups, int) or self.timestep_groups < 1:
+            raise ValueError(f"Recipe.timestep_groups must be an integer >= 1, got {self.timestep_groups!r}")
+        if self.timestep_groups > 1 and not self.needs_calibration:
+            raise ValueError(f"Recipe.timestep_groups={self.timestep_groups} needs a calibrated method "
+                             f"(static, smoothquant, sqd), not '{self.method}'")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"Recipe.lora_rank must be an integer >= 0, got {self.lora_rank!r}")
+        if self.lora_rank and self.w_bits == 16:
+            raise ValueError("Recipe.lora_rank corrects weight error, but w_bits=16 leaves none")
+        if not isinstance(self.lora_iterations, int) or self.lora_iterations < 1:
+            raise ValueError(f"Recipe.lora_iterations must be an integer >= 1, got {self.lora_iterations!r}")
+        if self.group_size is not None:
+            if not isinstance(self.group_size, int) or self.group_size < 2 or self.group_size % 2:
+                raise ValueError(f"Recipe.group_size must be None or an even integer >= 2, got {self.group_size!r}")
+            if self.backend == "integer" and self.method != "weight-only":
+                raise ValueError("Recipe.group_size with integer activations is not supported: per-group "
+                                 "weight scales along K cannot be factored out of one integer matmul. "
+                                 "Use backend='simulated' or group_size=None.")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static activation scales and smoothing factors come from calibration statistics."""
+        return self.method in ("static", "smoothquant", "sqd")
+
+    @property
+    def smooths(self) -> bool:
+        return self.method in ("smoothquant", "sqd")
+
+    @property
+    def dynamic_activations(self) -> bool:
+        return self.method in ("dynamic", "sqd")
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.a_bits != 16
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["skip"] = list(self.skip)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown Recipe fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def hash(self) -> str:
+        """Short stable id of everything that changes the quantized model (the name is left out)."""
+        d = self.to_dict()
+        d.pop("name")
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def replace(self, **changes) -> "Recipe":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(field_name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"Recipe.{field_name} must be one of {choices}, got {value!r}")
+
+
+SQD_TIMESTEP_GROUPS = 4  # paper: smoothing adapts to the denoising timestep; 4 groups = 4 weight copies
+LORA_RANK = 32
+
+
+def _build_presets() -> dict[str, Recipe]:
+    presets = {}
+    for w_bits in (8, 4):
+        for method in ("static", "dynamic", "smoothquant", "sqd"):
+            groups = SQD_TIMESTEP_GROUPS if method == "sqd" else 1
+            base = f"w{w_bits}a8-{method}"
+            presets[base] = Recipe(base, w_bits, 8, method, timestep_groups=groups)
+        base = f"w{w_bits}a16"
+        presets[base] = Recipe(base, w_bits, 16, "weight-only")
+    for name in list(presets):
+        presets[name + "+lora"] = presets[name].replace(name=name + "+lora", lora_rank=LORA_RANK)
+    return dict(sorted(presets.items()))
+
+
+PRESETS: dict[str, Recipe] = _build_presets()
+
+
+def get_recipe(name: str, **overrides) -> Recipe:
+    """The preset called `name`, optionally with fields overridden (e.g. backend="simulated")."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
