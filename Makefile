@@ -4,6 +4,8 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.requirements.sha256
+# torch's default OpenMP threads spin while waiting: on a shared 2-core machine that made one clip ~20x slower.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: venv demo test bench train chromium clean
 
