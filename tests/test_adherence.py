@@ -1,0 +1,93 @@
+"""The adherence evaluator: right on the corpus's own audio, and it rejects audio made for another caption."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from lab import adherence, corpus
+
+SR = corpus.SAMPLE_RATE
+
+
+def _sample(n_per_family: int, seed: int) -> list[corpus.Caption]:
+    rng = np.random.default_rng(seed)
+    picked = []
+    for family in corpus.FAMILIES:
+        pool = corpus.all_captions(family)
+        picked += [pool[i] for i in rng.choice(len(pool), size=n_per_family, replace=False)]
+    return picked
+
+
+def _wrong(caption: corpus.Caption) -> corpus.Caption:
+    """A caption of the same family whose checked attribute differs clearly from `caption`'s."""
+    if caption.family in ("tone", "pluck", "chord"):
+        midi = corpus.name_to_midi(caption.note)
+        allowed = corpus.CHORD_ROOTS if caption.family == "chord" else corpus.NOTES
+        shifted = corpus.midi_to_name(midi + 4 if corpus.midi_to_name(midi + 4) in allowed else midi - 4)
+        return dataclasses.replace(caption, note=shifted)
+    if caption.family == "noise":
+        return dataclasses.replace(caption, colour={"white": "brown", "pink": "white", "brown": "pink"}[caption.colour])
+    if caption.family == "rhythm":
+        return dataclasses.replace(caption, bpm=caption.bpm + 40 if caption.bpm <= 140 else caption.bpm - 50)
+    return dataclasses.replace(caption, direction="falling" if caption.direction == "rising" else "rising")
+
+
+@pytest.fixture(scope="module")
+def ground_truth():
+    captions = _sample(6, seed=11)
+    return [(c, corpus.synthesize(c, seed=100 + i)) for i, c in enumerate(captions)]
+
+
+def test_ground_truth_audio_is_judged_adherent(ground_truth):
+    results = adherence.evaluate_many([(c.text, y) for c, y in ground_truth], SR)
+    table = adherence.accuracy_by_family(results)
+    assert set(table) == {*corpus.FAMILIES, "all"}
+    assert table["all"]["accuracy"] >= 0.95, adherence.format_table(results)
+    assert all(row["accuracy"] >= 5 / 6 for row in table.values()), adherence.format_table(results)
+    assert table["all"]["level_accuracy"] >= 0.95
+
+
+def test_audio_of_another_caption_is_rejected(ground_truth):
+    results = adherence.evaluate_many([(_wrong(c).text, y) for c, y in ground_truth], SR)
+    assert adherence.accuracy_by_family(results)["all"]["accuracy"] <= 0.05, adherence.format_table(results)
+
+
+def test_major_and_minor_chords_are_told_apart():
+    for waveform in corpus.WAVEFORMS:
+        y = corpus.synthesize(f"{waveform} minor chord on D4")
+        assert adherence.evaluate(f"{waveform} minor chord on D4", y, SR)["ok"]
+        assert not adherence.evaluate(f"{waveform} major chord on D4", y, SR)["ok"]
+
+
+def test_a_tone_is_not_noise_and_silence_adheres_to_nothing():
+    tone = corpus.synthesize("sine tone at A4")
+    assert not any(adherence.evaluate(f"{c} noise", tone, SR)["ok"] for c in corpus.NOISE_COLOURS)
+    silent = adherence.evaluate("white noise", np.zeros(corpus.CLIP_SAMPLES), SR)
+    assert silent["ok"] is False and silent["silent"]
+
+
+def test_accepts_tensors_and_stereo_and_reports_details():
+    import torch
+
+    y = torch.from_numpy(corpus.synthesize("sine tone at A4")).repeat(1, 2, 1)  # (batch, channels, n)
+    result = adherence.evaluate("sine tone at A4", y, SR)
+    assert result["ok"] and result["family"] == "tone" and abs(result["f0_hz"] - 440) < 5
+
+
+def test_bad_input_raises_value_error():
+    with pytest.raises(ValueError, match="grammar"):
+        adherence.evaluate("a violin solo", np.zeros(100), SR)
+    with pytest.raises(ValueError, match="NaN"):
+        adherence.evaluate("white noise", np.full(100, np.nan), SR)
+
+
+def test_prompt_sets_are_disjoint_and_cover_every_family():
+    from pathlib import Path
+
+    evaluation, held_out = adherence.evaluation_prompts(), adherence.held_out_prompts()
+    calibration = Path(__file__).parent.parent.joinpath("assets", "calibration_prompts.txt").read_text().split("\n")
+    calibration = [p for p in calibration if p]
+    for prompts in (evaluation, held_out, calibration):
+        assert {corpus.parse_caption(p).family for p in prompts} == set(corpus.FAMILIES)
+    assert not set(evaluation) & set(calibration) and not set(held_out) & (set(evaluation) | set(calibration))
+    assert all(corpus.is_held_out(corpus.parse_caption(p)) for p in held_out)

@@ -1,0 +1,74 @@
+"""The synthetic corpus: grammar round-trip, determinism, held-out combinations, tokenizer coverage."""
+import numpy as np
+import pytest
+
+from lab import corpus, vocab
+
+
+def test_every_caption_round_trips_through_the_parser():
+    captions = corpus.all_captions()
+    assert len(captions) == len(set(captions)) > 1000
+    for caption in captions:
+        assert corpus.parse_caption(caption.text) == caption
+    assert corpus.parse_caption("  LOUD Sine tone at c#4 ") == corpus.Caption("tone", waveform="sine", note="C#4",
+                                                                             level="loud")
+
+
+@pytest.mark.parametrize("text", ["sine tone at H4", "sine tone at C7", "violin tone at A4", "kick drum at 65 bpm",
+                                  "purple noise", "sine tone at Db4", ""])
+def test_captions_outside_the_grammar_are_rejected(text):
+    with pytest.raises(ValueError, match="grammar|note name"):
+        corpus.parse_caption(text)
+
+
+def test_synthesis_is_deterministic_and_seeded():
+    for text in ("square tone at A4", "plucked string playing C3", "pink noise", "hi-hat pattern at 120 bpm"):
+        a, b = corpus.synthesize(text, seed=3), corpus.synthesize(text, seed=3)
+        assert a.dtype == np.float32 and a.shape == (corpus.CLIP_SAMPLES,) and np.isfinite(a).all()
+        np.testing.assert_array_equal(a, b)
+    # stochastic families differ between seeds, deterministic ones do not
+    assert not np.allclose(corpus.synthesize("pink noise", 1), corpus.synthesize("pink noise", 2))
+    np.testing.assert_array_equal(corpus.synthesize("sine tone at A4", 1), corpus.synthesize("sine tone at A4", 2))
+
+
+def test_levels_set_the_peak_or_the_noise_rms():
+    for level, gain in corpus.LEVEL_GAIN.items():
+        prefix = f"{level} " if level else ""
+        assert np.abs(corpus.synthesize(prefix + "sawtooth tone at C4")).max() == pytest.approx(gain, rel=1e-5)
+        assert corpus.synthesize(prefix + "brown noise").std() == pytest.approx(gain * corpus.NOISE_RMS_PER_GAIN,
+                                                                               rel=1e-4)
+
+
+def test_tone_has_its_fundamental_and_rhythm_its_beats():
+    y = corpus.synthesize("sine tone at A4")
+    spectrum = np.abs(np.fft.rfft(y))
+    peak_hz = np.fft.rfftfreq(len(y), 1 / corpus.SAMPLE_RATE)[spectrum.argmax()]
+    assert peak_hz == pytest.approx(440, abs=1)
+    y = corpus.synthesize("kick drum at 120 bpm")
+    starts = (corpus.beat_times(120) * corpus.SAMPLE_RATE).round().astype(int)
+    assert len(starts) == 4 and all(np.abs(y[s:s + 400]).max() > 0.3 for s in starts)
+    assert np.abs(y[: starts[0]]).max() == 0
+
+
+def test_held_out_combinations_are_never_sampled_but_their_words_are():
+    sampler = corpus.CaptionSampler(seed=0)
+    drawn = [sampler() for _ in range(5000)]
+    assert not any(corpus.is_held_out(c) for c in drawn)
+    assert {c.family for c in drawn} == set(corpus.FAMILIES)
+    assert corpus.is_held_out(corpus.parse_caption("loud sine tone at E4"))  # held out at every level
+    assert not corpus.is_held_out(corpus.parse_caption("brown noise"))  # only "loud brown noise" is held out
+    training_words = {w for f in corpus.FAMILIES for c in corpus.training_captions(f) for w in c.text.lower().split()}
+    for caption in corpus.held_out_captions():
+        assert set(caption.text.lower().split()) <= training_words, caption.text
+
+
+def test_tokenizer_knows_every_caption_word(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(vocab.save_tokenizer(tmp_path / "tok"))
+    unk = tokenizer.convert_tokens_to_ids(vocab.UNK)
+    ids = tokenizer(["loud sawtooth minor chord on C#4", "hi-hat pattern at 120 bpm"])["input_ids"]
+    assert [len(i) for i in ids] == [6, 5] and unk not in ids[0] + ids[1]
+    assert tokenizer("violin tone")["input_ids"][0] == unk
+    words = vocab.caption_words()
+    assert len(set(tokenizer.convert_tokens_to_ids(words))) == len(words)

@@ -1,0 +1,50 @@
+"""The shipped demo model loads through stable-audio-tools' own path and generates real audio."""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lab import corpus
+from lab.models import EMBEDDED_DIR, load_model
+
+
+def test_shipped_files_are_complete_and_small():
+    names = {p.name for p in EMBEDDED_DIR.iterdir()}
+    assert {"model_config.json", "model.safetensors", "generation.json", "tokenizer"} <= names
+    total = sum(p.stat().st_size for p in EMBEDDED_DIR.rglob("*") if p.is_file())
+    assert total <= 40 * 2**20
+    config = json.loads((EMBEDDED_DIR / "model_config.json").read_text())
+    assert config["model_type"] == "diffusion_cond"
+    assert config["model"]["conditioning"]["configs"][0]["config"]["tokenizer_name"] == "tokenizer"  # relative
+    defaults = json.loads((EMBEDDED_DIR / "generation.json").read_text())
+    assert {"steps", "cfg_scale", "sampler_type", "sigma_min", "sigma_max", "seconds"} <= set(defaults)
+
+
+def test_demo_model_generates_finite_non_silent_audio():
+    from stable_audio_tools.inference.generation import generate_diffusion_cond
+    from stable_audio_tools.models.dit import DiffusionTransformer
+
+    loaded = load_model()
+    assert loaded.model_id == "embedded:demo_model"
+    assert (loaded.sample_rate, loaded.sample_size) == (corpus.SAMPLE_RATE, corpus.CLIP_SAMPLES)
+    assert isinstance(loaded.model.model.model, DiffusionTransformer)
+    defaults = json.loads((EMBEDDED_DIR / "generation.json").read_text())
+    with torch.no_grad():
+        audio = generate_diffusion_cond(
+            loaded.model, steps=8, cfg_scale=defaults["cfg_scale"], sample_size=loaded.sample_size, seed=0,
+            conditioning=[{"prompt": "sine tone at A4", "seconds_start": 0, "seconds_total": defaults["seconds"]}],
+            device="cpu", sampler_type=defaults["sampler_type"], sigma_min=defaults["sigma_min"],
+            sigma_max=defaults["sigma_max"])
+    y = audio[0, 0].numpy()
+    assert audio.shape == (1, 1, corpus.CLIP_SAMPLES) and np.isfinite(y).all()
+    assert 0.01 < y.std() < 10
+
+
+def test_weights_are_trained_not_random():
+    """The output projections start at zero in SAT; a trained model has moved all of them."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(EMBEDDED_DIR) / "model.safetensors"))
+    zero_init = [k for k in weights if k.endswith(("to_out.weight", "ff.ff.2.weight", "postprocess_conv.weight"))]
+    assert zero_init and all(weights[k].float().abs().max() > 0 for k in zero_init)
