@@ -12,7 +12,6 @@ against full precision on exactly those inputs. The lower the SNR, the more sens
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +19,8 @@ from torch import nn
 
 import quant
 from quant.model import matches_any, replace_module
+
+from lab.generation import snr_db
 
 
 @dataclass
@@ -76,12 +77,8 @@ def dit_outputs(dit: nn.Module, calls: list[DitCall]) -> list[torch.Tensor]:
 
 
 def pooled_snr_db(reference: list[torch.Tensor], estimate: list[torch.Tensor]) -> float:
-    """10 log10(sum |ref|^2 / sum |ref - est|^2) over all tensors; 120 dB when they are identical."""
-    signal = sum(r.pow(2).sum().item() for r in reference)
-    noise = sum((r - e).pow(2).sum().item() for r, e in zip(reference, estimate))
-    if noise <= signal * 1e-12:
-        return 120.0
-    return 10.0 * math.log10(max(signal, 1e-30) / noise)
+    """SNR over all tensors at once (their energies pooled), with `snr_db`'s 120 dB cap."""
+    return snr_db(torch.cat([r.flatten() for r in reference]), torch.cat([e.flatten() for e in estimate]))
 
 
 def quantize_only(dit: nn.Module, recipe: quant.Recipe, names: set[str],
