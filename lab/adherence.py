@@ -26,13 +26,13 @@ import json
 import math
 import time
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from lab import corpus
 
-EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
 
 PITCH_TOLERANCE_SEMITONES = 1.0
 BPM_TOLERANCE = 0.15
@@ -270,8 +270,7 @@ def main() -> None:
 
         loaded = load_model(model_config=args.model_config, ckpt_path=args.ckpt_path)
         model, sr = loaded.model, loaded.sample_rate
-        config_dir = Path(args.model_config).parent if args.model_config else EMBEDDED_DIR
-        settings = {**json.loads((config_dir / "generation.json").read_text()), **json.loads(args.override)}
+        settings = {**asdict(loaded.sampling), **json.loads(args.override)}  # generation.json, as loaded
         print(f"{loaded.model_id}: {settings}")
     all_results = {}
     for name, prompts in sets.items():
