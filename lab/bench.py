@@ -180,31 +180,6 @@ def _placeholder_stats(dit: nn.Module, n_timesteps: int) -> quant.CalibrationSta
                                               for name, layer in quant.linear_layers(dit).items()})
 
 
-@contextlib.contextmanager
-def lowrank_factors_without_svd():
-    """Inside this block quant fills low-rank branches with random factors instead of an SVD.
-
-    Only for the SAO-shape rows: a branch's bytes and run time depend on its shape, not its values, while
-    its SVDs cost minutes per +lora recipe on 2 cores (full SVD of every 1536 x 12288 residual) and the
-    weights are random anyway. Fidelity rows always use quant's real SVD.
-    """
-    import quant.linear as linear_module
-
-    original = linear_module.fit_low_rank
-
-    def random_factors(weight, quantize_fn, rank, iterations=1):
-        rank = min(rank, *weight.shape)
-        a = torch.randn(weight.shape[1], rank, device=weight.device) * 0.01  # (in, r)
-        b = torch.randn(rank, weight.shape[0], device=weight.device) * 0.01  # (r, out)
-        return weight, a, b
-
-    linear_module.fit_low_rank = random_factors
-    try:
-        yield
-    finally:
-        linear_module.fit_low_rank = original
-
-
 # ================================================================ 1-2. memory and speed at SAO's shape
 
 def build_dit(shape: dict, *, device: str = "cpu", seed: int = 0) -> nn.Module:
@@ -248,10 +223,9 @@ def _variant_of_dit(dit: nn.Module, row: str | quant.Recipe, stats) -> nn.Module
         return dit
     if row == "bf16":
         return copy.deepcopy(dit).to(torch.bfloat16)
-    recipe = _recipe(row)
+    recipe = _recipe(row).replace(lora_init="random")  # shape-only branch: see Recipe.lora_init
     model = copy.deepcopy(dit)
-    with lowrank_factors_without_svd():
-        quant.quantize_(model, recipe, stats if recipe.needs_calibration else None)
+    quant.quantize_(model, recipe, stats if recipe.needs_calibration else None)
     return model
 
 

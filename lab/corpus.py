@@ -15,8 +15,11 @@ Notes use sharps (`C#4`, never `Db4`); tempi move in steps of 10 bpm so that eve
 tokenizer knows. `HELD_OUT` lists captions never drawn for training: the model has seen each of their
 words, but never in that combination, so adherence on them measures generalisation.
 
-Clips are mono, `SAMPLE_RATE` Hz, `CLIP_SAMPLES` long. Pitched families start at phase 0 and rhythms on
-a fixed grid, so one caption maps to one waveform up to gain (plucks, noises and hi-hats differ per seed).
+Clips are mono, `SAMPLE_RATE` Hz, `CLIP_SAMPLES` long, deterministic given (caption, seed). The seed draws
+the noise, the point of the cycle where each tone starts and when the first beat falls. Random phase and
+offset are a design choice (not an A/B-measured one): with a fixed phase the DiT would have to compute each
+frame's phase from its absolute position (a frequency times a position); with a random one it can read it
+from the noisy frames, as a denoiser does. The evaluator never looks at phase.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import itertools
 import numpy as np
 
 SAMPLE_RATE = 16000
-CLIP_SAMPLES = 32768  # 2.048 s: a multiple of the DiT's patch size
+CLIP_SAMPLES = 32768  # 2.048 s: a whole number of the demo model's 256-sample latent frames
 CLIP_SECONDS = CLIP_SAMPLES / SAMPLE_RATE
 
 PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
@@ -42,7 +45,8 @@ FAMILIES = ("tone", "chord", "pluck", "noise", "rhythm", "sweep")
 # Linear gain per level: peak amplitude for pitched/percussive clips, 0.35 x gain RMS for noise.
 LEVEL_GAIN = {"soft": 0.3, None: 0.6, "loud": 0.95}
 NOISE_RMS_PER_GAIN = 0.35
-FIRST_BEAT_SECONDS = 0.05
+FIRST_BEAT_SECONDS = 0.02
+FIRST_BEAT_SPREAD = 0.5  # the first beat falls up to half a beat after FIRST_BEAT_SECONDS
 SWEEP_RANGE_HZ = (200.0, 3200.0)
 CHORD_INTERVALS = {"major": (0, 4, 7), "minor": (0, 3, 7)}
 # Relative weights of the families when sampling training captions.
@@ -219,8 +223,9 @@ def harmonic_amplitudes(waveform: str, f0: float) -> list[tuple[int, float]]:
     return out
 
 
-def _periodic(waveform: str, f0: float) -> np.ndarray:
-    t = _time()
+def _periodic(waveform: str, f0: float, rng: np.random.Generator) -> np.ndarray:
+    """The waveform from a random point of its cycle: see the module docstring for why the phase is random."""
+    t = _time() + rng.uniform(0, 1 / f0)
     return sum(a * np.sin(2 * np.pi * h * f0 * t) for h, a in harmonic_amplitudes(waveform, f0))
 
 
@@ -255,8 +260,8 @@ def _coloured_noise(colour: str, rng: np.random.Generator) -> np.ndarray:
     return x - x.mean()
 
 
-def beat_times(bpm: int) -> np.ndarray:
-    return np.arange(FIRST_BEAT_SECONDS, CLIP_SECONDS, 60.0 / bpm)
+def beat_times(bpm: int, first: float = FIRST_BEAT_SECONDS) -> np.ndarray:
+    return np.arange(first, CLIP_SECONDS, 60.0 / bpm)
 
 
 def _hit(instrument: str, rng: np.random.Generator) -> np.ndarray:
@@ -271,7 +276,8 @@ def _hit(instrument: str, rng: np.random.Generator) -> np.ndarray:
 
 def _rhythm(instrument: str, bpm: int, rng: np.random.Generator) -> np.ndarray:
     x = np.zeros(CLIP_SAMPLES)
-    for start_s in beat_times(bpm):
+    first = FIRST_BEAT_SECONDS + rng.uniform(0, FIRST_BEAT_SPREAD * 60.0 / bpm)
+    for start_s in beat_times(bpm, first):
         hit = _hit(instrument, rng)
         start = int(round(start_s * SAMPLE_RATE))
         n = min(len(hit), CLIP_SAMPLES - start)
@@ -298,12 +304,12 @@ def synthesize(caption: Caption | str, seed: int = 0) -> np.ndarray:
         x = _coloured_noise(caption.colour, rng)
         return (x * (NOISE_RMS_PER_GAIN * gain / x.std())).astype(np.float32)
     if caption.family == "tone":
-        x = _fade(_periodic(caption.waveform, midi_to_hz(name_to_midi(caption.note))))
+        x = _fade(_periodic(caption.waveform, midi_to_hz(name_to_midi(caption.note)), rng))
     elif caption.family == "chord":
         root = name_to_midi(caption.note)
-        x = _fade(sum(_periodic(caption.waveform, midi_to_hz(root + i)) for i in CHORD_INTERVALS[caption.quality]))
+        x = _fade(sum(_periodic(caption.waveform, midi_to_hz(root + i), rng) for i in CHORD_INTERVALS[caption.quality]))
     elif caption.family == "pluck":
-        x = _fade(_pluck(midi_to_hz(name_to_midi(caption.note)), rng), fade_in=0.0)
+        x = _fade(_pluck(midi_to_hz(name_to_midi(caption.note)), rng), fade_in=0.005)
     elif caption.family == "rhythm":
         x = _rhythm(caption.instrument, caption.bpm, rng)
     else:

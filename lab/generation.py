@@ -22,8 +22,10 @@ import quant
 from lab.audio import log_mel_distance
 from lab.models import LoadedModel, SamplingDefaults
 
-# Samplers offered by stable-audio-tools' own UI that take a fixed number of steps.
-SAMPLERS = ("dpmpp-3m-sde", "dpmpp-2m-sde", "dpmpp-2m", "k-heun", "k-lms", "k-dpmpp-2s-ancestral", "k-dpm-2")
+# Samplers offered by stable-audio-tools' own UI that take a fixed number of steps. v-ddim steps uniformly
+# in t (it clamps sigma_max to 1); the k-diffusion ones step log-uniformly in sigma from sigma_max to sigma_min.
+SAMPLERS = ("dpmpp-3m-sde", "dpmpp-2m-sde", "dpmpp-2m", "k-heun", "k-lms", "k-dpmpp-2s-ancestral", "k-dpm-2",
+            "v-ddim")
 MAX_PROMPT_CHARS = 500
 STEPS_RANGE = (2, 250)  # k-diffusion's multistep samplers fail with a single step
 CFG_RANGE = (0.0, 25.0)

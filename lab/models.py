@@ -143,6 +143,7 @@ def _load_files(config_path: Path, ckpt_path: Path, *, model_id: str) -> LoadedM
     if not ckpt_path.is_file():
         raise ModelLoadError(f"Checkpoint not found: {ckpt_path}")
     _load_weights(model, ckpt_path)
+    _fold_weight_norm(model)
     return LoadedModel(model=model, config=config, model_id=model_id, sample_rate=int(config["sample_rate"]),
                        sample_size=int(config["sample_size"]), ckpt_path=ckpt_path.resolve(),
                        sampling=SamplingDefaults.read(config_path.parent))
@@ -196,6 +197,17 @@ def build_model(config: dict) -> torch.nn.Module:
         raise ModelLoadError(f"Model config could not be built by stable-audio-tools: "
                              f"{type(err).__name__}: {err}") from err
     return model.eval().requires_grad_(False)
+
+
+def _fold_weight_norm(model: torch.nn.Module) -> None:
+    """Fold the weight-normed convs of an Oobleck autoencoder (SAO's and the demo model's) into plain weights.
+
+    Same outputs, one multiply less per call, and the model can be deep-copied: old-style weight norm keeps a
+    derived `weight` tensor that `copy.deepcopy` refuses, and every quantized variant starts from a copy.
+    """
+    for module in model.modules():
+        if hasattr(module, "weight_g") and hasattr(module, "weight_v"):
+            torch.nn.utils.remove_weight_norm(module)
 
 
 def _load_weights(model: torch.nn.Module, ckpt_path: Path) -> None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import quantize_per_tensor, quantize_per_token, scaled_int_matmul
-from .lowrank import LowRankBranch, fit_low_rank
+from .lowrank import LowRankBranch, fit_low_rank, random_low_rank
 from .primitives import (dequantize_weight, fake_quant, fake_quant_weight, pack_int4, per_token_scale,
                          quantize_weight, scale_from_absmax, unpack_int4)
 from .recipes import Recipe
@@ -126,7 +126,10 @@ class QuantLinear(nn.Module):
         if self.lowrank is not None:
             def quantizer(m):
                 return fake_quant_weight(m, recipe.w_bits, recipe.group_size)
-            w, a, b = fit_low_rank(w, quantizer, recipe.lora_rank, recipe.lora_iterations)
+            if recipe.lora_init == "random":
+                w, a, b = random_low_rank(w, recipe.lora_rank)
+            else:
+                w, a, b = fit_low_rank(w, quantizer, recipe.lora_rank, recipe.lora_iterations)
             self.lowrank[copy_index].A.copy_(a)
             self.lowrank[copy_index].B.copy_(b)
         codes, scale = quantize_weight(w, recipe.w_bits, recipe.group_size)

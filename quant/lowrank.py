@@ -74,3 +74,11 @@ def fit_low_rank(weight: torch.Tensor, quantize_fn, rank: int, iterations: int =
         to_quantize = weight - (a @ b).t()
     _, to_quantize, a, b = best
     return to_quantize, a, b
+
+
+def random_low_rank(weight: torch.Tensor, rank: int, seed: int = 0):
+    """(W, A, B) with small random factors of fit_low_rank's shapes: for memory/speed runs, not fidelity."""
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(weight.shape[1], rank, generator=generator) * 0.01  # (in, r)
+    b = torch.randn(rank, weight.shape[0], generator=generator) * 0.01  # (r, out)
+    return weight.float(), a.to(weight.device), b.to(weight.device)

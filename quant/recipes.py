@@ -12,6 +12,7 @@ BITS = (4, 8, 16)
 METHODS = ("static", "dynamic", "smoothquant", "sqd", "weight-only")
 BACKENDS = ("simulated", "integer")
 LORA_DTYPES = ("float32", "float16", "bfloat16")
+LORA_INITS = ("svd", "random")
 
 # Layers kept in full precision by default (fnmatch patterns on names relative to the DiT).
 # Together they hold < 1 % of SAO's DiT weights, so skipping them costs almost no memory.
@@ -49,6 +50,9 @@ class Recipe:
         lora_rank: rank of the SVD low-rank branch on the residual weight error (0 = none).
         lora_iterations: alternations Q = Q(W - L), L = SVD_r(W - Q) (1 = plain SVD of W - Q(W)).
         lora_dtype: dtype the branch is stored and run in.
+        lora_init: "svd" (the branch corrects the weight error: what the method is) or "random" (random
+            factors of the same shape, skipping the SVD: only for measuring memory and speed, where a
+            branch's values do not matter and the SVD of a 1536 x 12288 residual costs minutes on a CPU).
         group_size: per-group weight scales along the input dimension (None = per output channel).
             The integer backend supports it for weight-only recipes only (a per-group scale along K
             cannot be factored out of one integer matmul).
@@ -65,6 +69,7 @@ class Recipe:
     lora_rank: int = 0
     lora_iterations: int = 1
     lora_dtype: str = "bfloat16"
+    lora_init: str = "svd"
     group_size: int | None = None
     skip: tuple[str, ...] = DEFAULT_SKIP
     backend: str = "integer"
@@ -78,6 +83,7 @@ class Recipe:
         _check_choice("method", self.method, METHODS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("lora_dtype", self.lora_dtype, LORA_DTYPES)
+        _check_choice("lora_init", self.lora_init, LORA_INITS)
         if (self.method == "weight-only") != (self.a_bits == 16):
             raise ValueError(f"Recipe.a_bits={self.a_bits} does not fit method '{self.method}': "
                              "a_bits=16 means weight-only, and weight-only means a_bits=16")

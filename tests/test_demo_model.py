@@ -41,6 +41,40 @@ def test_demo_model_generates_finite_non_silent_audio():
     assert 0.01 < y.std() < 10
 
 
+def test_pretransform_round_trip_keeps_pitch_and_tempo():
+    """The trained autoencoder is the ceiling of every generated clip: its round trip must pass the evaluator."""
+    from stable_audio_tools.models.pretransforms import AutoencoderPretransform
+
+    from lab import adherence
+
+    pretransform = load_model().model.pretransform
+    assert isinstance(pretransform, AutoencoderPretransform) and pretransform.downsampling_ratio == 256
+    for prompt in ("square tone at A4", "plucked string playing C4", "kick drum at 120 bpm"):
+        x = torch.from_numpy(corpus.synthesize(prompt, seed=5))[None, None]
+        with torch.no_grad():
+            latents = pretransform.encode(x)
+            y = pretransform.decode(latents)[0, 0].numpy()
+        assert latents.shape == (1, pretransform.encoded_channels, corpus.CLIP_SAMPLES // 256)
+        error = x[0, 0].numpy() - y
+        assert 10 * np.log10((x.numpy() ** 2).sum() / (error ** 2).sum()) > 30, prompt  # dB
+        assert adherence.evaluate(prompt, y, corpus.SAMPLE_RATE)["ok"], prompt
+
+
+def test_a_copy_of_the_demo_model_quantizes_and_generates():
+    """Every quantized variant in the app starts from `fresh_copy()`: the autoencoder must survive deepcopy."""
+    import quant
+    from stable_audio_tools.inference.generation import generate_diffusion_cond
+
+    loaded = load_model()
+    model = quant.quantize_(loaded.fresh_copy(), quant.get_recipe("w8a8-dynamic"))
+    with torch.no_grad():
+        audio = generate_diffusion_cond(
+            model, steps=4, cfg_scale=3.0, sample_size=loaded.sample_size, seed=0, device="cpu",
+            conditioning=[{"prompt": "white noise", "seconds_start": 0, "seconds_total": 2.048}],
+            sampler_type="v-ddim", sigma_max=1.0)
+    assert np.isfinite(audio.numpy()).all() and audio.std() > 0.01
+
+
 def test_weights_are_trained_not_random():
     """The output projections start at zero in SAT; a trained model has moved all of them."""
     from safetensors.torch import load_file

@@ -31,10 +31,12 @@ def models(loaded, tmp_path_factory):
                            calibration_seconds=1.0, max_models=2)
 
 
-def test_same_seed_same_clip_and_seed_matters(loaded):
+@pytest.mark.parametrize("sampler", ["dpmpp-3m-sde", "v-ddim"])
+def test_same_seed_same_clip_and_seed_matters(loaded, sampler):
+    request = GenerationRequest(**{**REQUEST.__dict__, "sampler": sampler})
     with torch.no_grad():
-        first, again = (generate_clip(loaded.model, loaded, REQUEST) for _ in range(2))
-        other = generate_clip(loaded.model, loaded, GenerationRequest(**{**REQUEST.__dict__, "seed": 12}))
+        first, again = (generate_clip(loaded.model, loaded, request) for _ in range(2))
+        other = generate_clip(loaded.model, loaded, GenerationRequest(**{**request.__dict__, "seed": 12}))
     assert first.audio.shape == (1, 16000)
     np.testing.assert_array_equal(first.audio, again.audio)
     assert not np.allclose(first.audio, other.audio)

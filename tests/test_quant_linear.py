@@ -133,6 +133,19 @@ def test_low_rank_branch_brings_the_effective_weight_closer():
     assert sqnr(w, corrected.effective_weight()) > sqnr(w, plain.effective_weight()) + 1
 
 
+def test_random_low_rank_init_keeps_the_shape_but_not_the_correction():
+    """lora_init="random" is for memory/speed rows: same bytes as the SVD branch, none of its accuracy."""
+    model, x = nn.Sequential(nn.Linear(256, 64)).eval(), outlier_input()
+    svd, shape_only = (quantized_copy(model, recipe("dynamic", 4, lora_rank=16, lora_init=init), x)
+                       for init in ("svd", "random"))
+    assert quant.memory_report(svd).linear_bytes == quant.memory_report(shape_only).linear_bytes
+    assert shape_only[0].lowrank[0].A.abs().max() > 0
+    w = model[0].weight
+    assert sqnr(w, svd[0].effective_weight()) > sqnr(w, shape_only[0].effective_weight()) + 1
+    with pytest.raises(ValueError, match="lora_init"):
+        quant.Recipe(lora_rank=4, lora_init="zeros")
+
+
 def test_input_fake_quant_is_what_the_matmul_sees():
     model, x = nn.Sequential(nn.Linear(256, 64)).eval(), outlier_input()
     layer = quantized_copy(model, recipe("dynamic", 8, "simulated"), x)[0]
