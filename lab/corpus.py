@@ -260,7 +260,7 @@ def _coloured_noise(colour: str, rng: np.random.Generator) -> np.ndarray:
     return x - x.mean()
 
 
-def beat_times(bpm: int, first: float = FIRST_BEAT_SECONDS) -> np.ndarray:
+def beat_times(bpm: int, first: float) -> np.ndarray:
     return np.arange(first, CLIP_SECONDS, 60.0 / bpm)
 
 

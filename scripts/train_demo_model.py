@@ -4,7 +4,7 @@
     python scripts/train_demo_model.py --out runs/demo --resume         # continue after an interruption
     python scripts/train_demo_model.py --out runs/demo --export assets/demo_model   # ship the EMA weights
 
-Stage 1 (seconds, OUT/autoencoder.pt) writes an MDCT into the autoencoder pretransform's weights and
+Stage 1 (seconds, rebuilt on every start) writes an MDCT into the autoencoder pretransform's weights and
 measures the latent std that becomes the config's `scale`. Stage 2 freezes it and trains the DiT on its
 latents, doing what stable-audio-tools' diffusion_cond training does for the v objective (without its Lightning/wandb wrapper): t ~ U(0, 1) (scrambled Sobol,
 like SAT), alpha = cos(t pi/2), sigma = sin(t pi/2), z_t = alpha z + sigma eps, target v = alpha eps - sigma z,
@@ -175,16 +175,14 @@ def mdct_autoencoder(device: str = "cpu") -> torch.nn.Module:
     return autoencoder.to(device).eval()
 
 
-def build_autoencoder(args, out: Path, device: str) -> float:
-    """Stage 1: the MDCT autoencoder; returns the latent std over 256 corpus clips (the config's `scale`)."""
+def build_autoencoder(seed: int, device: str) -> tuple[torch.nn.Module, float]:
+    """Stage 1: the MDCT autoencoder and its latent std over 256 corpus clips (the config's `scale`)."""
     autoencoder = mdct_autoencoder(device)
-    sampler = corpus.CaptionSampler(seed=args.seed + 7)
+    sampler = corpus.CaptionSampler(seed=seed + 7)
     with torch.no_grad():
-        audio, _ = corpus.training_batch(sampler, 256, np.random.default_rng([args.seed, 7]))
+        audio, _ = corpus.training_batch(sampler, 256, np.random.default_rng([seed, 7]))
         latents = torch.cat([autoencoder.encode(torch.from_numpy(a).to(device)) for a in np.split(audio, 16)])
-    latent_scale = latents.std().item()
-    torch.save({"autoencoder": autoencoder.state_dict(), "latent_scale": latent_scale}, out / "autoencoder.pt")
-    return latent_scale
+    return autoencoder, latents.std().item()
 
 
 def v_loss(model, audio: torch.Tensor, captions: list[str], t: torch.Tensor) -> torch.Tensor:
@@ -216,13 +214,12 @@ def train(args) -> None:
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
     out.mkdir(parents=True, exist_ok=True)
-    latent_scale = build_autoencoder(args, out, device)
+    autoencoder, latent_scale = build_autoencoder(args.seed, device)
     config_path = write_model_files(out, latent_scale)
 
     torch.manual_seed(args.seed)
     model = build_model(read_config(config_path)).to(device)
-    model.pretransform.model.load_state_dict(
-        torch.load(out / "autoencoder.pt", map_location=device, weights_only=False)["autoencoder"])
+    model.pretransform.model.load_state_dict(autoencoder.state_dict())
     model.train()
     model.pretransform.eval()  # frozen: only the DiT and the prompt embeddings learn
     trainable = [p for name, p in model.named_parameters() if not name.startswith("pretransform.")]
@@ -287,7 +284,7 @@ def train(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="run folder: autoencoder.pt, checkpoint.pt, model files")
+    parser.add_argument("--out", default="runs/demo", help="run folder: checkpoint.pt + model files")
     parser.add_argument("--steps", type=int, default=5000, help="DiT training steps in all (sets the lr schedule)")
     parser.add_argument("--minutes", type=float, default=85.0, help="cap on the time spent in DiT training steps")
     parser.add_argument("--resume", action="store_true", help="continue stage 2 from OUT/checkpoint.pt")
