@@ -287,20 +287,45 @@ def generation_settings(loaded: LoadedModel, steps: int | None = None, seconds: 
     return {**settings, "steps": steps or settings["steps"], "seconds": seconds}
 
 
+class _Autocast(nn.Module):
+    def __init__(self, inner: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.inner, self.dtype = inner, dtype
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast("cpu", dtype=self.dtype):
+            return self.inner(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def dit_autocast(model: nn.Module, dtype: torch.dtype | None):
+    """Run only the DiT (`model.model`, which SAT's samplers call) under CPU autocast in `dtype`. The quantized
+    rows change only the DiT, so the bf16 row does too: the pretransform stays fp32 (the demo model's MDCT
+    autoencoder adds 64 before each ELU, where bf16 keeps a resolution of 0.5)."""
+    if dtype is None:
+        yield
+        return
+    dit = model.model
+    model.model = _Autocast(dit, dtype)
+    try:
+        yield
+    finally:
+        model.model = dit
+
+
 def generate_batch(model: nn.Module, loaded: LoadedModel, prompts: list[str], *, seed: int, settings: dict,
                    compute_dtype: torch.dtype | None = None) -> Batch:
     """All prompts in one `generate_diffusion_cond` call (one seed -> one noise tensor for the batch), recording
     the sampler state x at every step. Same prompts + seed -> the same initial noise for every model.
 
-    compute_dtype: run the model under CPU autocast in that dtype (the bf16 row): a bf16 *model* would make SAT
+    compute_dtype: run the DiT under CPU autocast in that dtype (the bf16 row): a bf16 *model* would make SAT
     draw the initial and Brownian noise in bf16, i.e. a different sample rather than a precision effect."""
     from stable_audio_tools.inference.generation import generate_diffusion_cond
 
     seconds = settings["seconds"]
     conditioning = [{"prompt": p, "seconds_start": 0, "seconds_total": seconds} for p in prompts]
     trajectory = []
-    autocast = torch.autocast("cpu", dtype=compute_dtype or torch.bfloat16, enabled=compute_dtype is not None)
-    with torch.no_grad(), autocast, contextlib.redirect_stdout(io.StringIO()):  # SAT prints the seed
+    with torch.no_grad(), dit_autocast(model, compute_dtype), contextlib.redirect_stdout(io.StringIO()):  # SAT prints the seed
         start = time.perf_counter()
         audio = generate_diffusion_cond(
             model, steps=settings["steps"], cfg_scale=settings["cfg_scale"], conditioning=conditioning,
@@ -796,9 +821,9 @@ NOTES = [
     "start from identical noise; quantized rows run the recipes' integer backend (the default of every preset). "
     "SNR and log-mel distance compare final audio; 'traj err' = mean over steps of |x_q - x_fp| / |x_fp| for the "
     "sampler state x. Adherence = % of clips lab.adherence judges correct (one clip = 100 / n_prompts points).",
-    "bf16 fidelity row: the fp32 model under torch.autocast(bfloat16) (matmuls and convolutions in bf16), so the "
-    "sampler state and its noise stay fp32; a bf16 model would make SAT draw its noise in bf16, a different "
-    "sample. Its memory columns are those of a bf16 copy.",
+    "bf16 fidelity row: the fp32 model with its DiT under torch.autocast(bfloat16) (matmuls in bf16), so the "
+    "sampler state, its noise and the pretransform stay fp32, as in the quantized rows; a bf16 model would make "
+    "SAT draw its noise in bf16, a different sample. Its memory columns are those of a bf16 copy.",
     "Calibration uses the calibration prompts (assets/calibration_prompts.txt) with the same sampler settings, "
     "other seeds; the fidelity prompts come from lab.adherence's evaluation set.",
 ]

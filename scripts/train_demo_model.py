@@ -139,12 +139,13 @@ def _identity_residual_units(block: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def mdct_autoencoder(device: str = "cpu") -> torch.nn.Module:
+def mdct_autoencoder(channel_gain: torch.Tensor | None = None, device: str = "cpu") -> torch.nn.Module:
     """SAT's Oobleck autoencoder (AUTOENCODER) with weights that compute an MDCT and its inverse exactly.
 
     Every ELU sees its input shifted up by OFFSET, where ELU is the identity; a constant channel carries
     the same shift through the strided (transposed) convolution so that it cancels. Reconstruction is
     exact except in the first and last 128 samples, which only one frame covers (the corpus fades there).
+    `channel_gain` (HOP,) multiplies each MDCT coefficient on the way in and divides it on the way out.
     """
     from stable_audio_tools.models.autoencoders import create_autoencoder_from_config
 
@@ -159,11 +160,12 @@ def mdct_autoencoder(device: str = "cpu") -> torch.nn.Module:
     strided = torch.zeros(HOP, width, 2 * HOP)
     strided[:, 0], strided[:, 1] = basis, -basis  # MDCT of (x + OFFSET) - MDCT of OFFSET
     _set_weight(enc[1].layers[4], strided, OFFSET)
-    _set_weight(enc[3], torch.eye(HOP)[:, :, None] * torch.tensor([0.0, 1.0, 0.0]), -OFFSET)
+    gain = torch.ones(HOP) if channel_gain is None else channel_gain.float().cpu()
+    _set_weight(enc[3], torch.diag(gain)[:, :, None] * torch.tensor([0.0, 1.0, 0.0]), -OFFSET * gain)
 
     dec = autoencoder.decoder.layers  # conv k7, DecoderBlock, ELU, conv k7 (no bias)
     into = torch.zeros(2 * HOP, HOP, 7)
-    into[:HOP, :, 3] = torch.eye(HOP)  # channels < HOP: coefficient + OFFSET, channels >= HOP: OFFSET
+    into[:HOP, :, 3] = torch.diag(1 / gain)  # channels < HOP: coefficient + OFFSET, channels >= HOP: OFFSET
     _set_weight(dec[0], into, OFFSET)
     upsample = torch.zeros(2 * HOP, width, 2 * HOP)  # ConvTranspose1d weight: (in, out, kernel)
     upsample[:HOP, 0], upsample[HOP:, 0] = basis, -basis
@@ -175,14 +177,24 @@ def mdct_autoencoder(device: str = "cpu") -> torch.nn.Module:
     return autoencoder.to(device).eval()
 
 
-def build_autoencoder(seed: int, device: str) -> tuple[torch.nn.Module, float]:
-    """Stage 1: the MDCT autoencoder and its latent std over 256 corpus clips (the config's `scale`)."""
-    autoencoder = mdct_autoencoder(device)
-    sampler = corpus.CaptionSampler(seed=seed + 7)
-    with torch.no_grad():
-        audio, _ = corpus.training_batch(sampler, 256, np.random.default_rng([seed, 7]))
-        latents = torch.cat([autoencoder.encode(torch.from_numpy(a).to(device)) for a in np.split(audio, 16)])
-    return autoencoder, latents.std().item()
+def build_autoencoder(seed: int, device: str, whiten: bool = False) -> tuple[torch.nn.Module, float]:
+    """Stage 1: the MDCT autoencoder and its latent std over 256 corpus clips (the config's `scale`).
+
+    whiten: also divide each MDCT channel by its own std over those clips (folded into the weights), so
+    that every channel goes from signal to noise at the same t; the low channels' std is ~20x the high
+    ones'. Tried against the broadband floor the shipped model leaves in quiet channels: it did not lower
+    it (docs/demo_model.md), so it is off by default."""
+    audio, _ = corpus.training_batch(corpus.CaptionSampler(seed=seed + 7), 256, np.random.default_rng([seed, 7]))
+
+    def latents(autoencoder: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([autoencoder.encode(torch.from_numpy(a).to(device)) for a in np.split(audio, 16)])
+
+    autoencoder = mdct_autoencoder(device=device)
+    if whiten:
+        channel_std = latents(autoencoder).std(dim=(0, 2))
+        autoencoder = mdct_autoencoder(1 / channel_std.clamp_min(1e-3 * channel_std.max().item()), device)
+    return autoencoder, latents(autoencoder).std().item()
 
 
 def v_loss(model, audio: torch.Tensor, captions: list[str], t: torch.Tensor) -> torch.Tensor:
@@ -214,7 +226,7 @@ def train(args) -> None:
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
     out.mkdir(parents=True, exist_ok=True)
-    autoencoder, latent_scale = build_autoencoder(args.seed, device)
+    autoencoder, latent_scale = build_autoencoder(args.seed, device, args.whiten)
     config_path = write_model_files(out, latent_scale)
 
     torch.manual_seed(args.seed)
@@ -291,6 +303,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=6e-4, help="peak learning rate of the DiT")
+    parser.add_argument("--whiten", action="store_true",
+                        help="scale each MDCT channel to unit std (default: one scale for all, as shipped)")
     parser.add_argument("--fp32-train", action="store_true",
                         help="train in fp32 (default: bf16 autocast, ~1.35x faster per step on an AVX512-BF16 CPU)")
     parser.add_argument("--export", metavar="DIR", help="write the run's EMA weights + config to DIR and exit")

@@ -82,3 +82,30 @@ def test_weights_are_trained_not_random():
     weights = load_file(str(Path(EMBEDDED_DIR) / "model.safetensors"))
     zero_init = [k for k in weights if k.endswith(("to_out.weight", "ff.ff.2.weight", "postprocess_conv.weight"))]
     assert zero_init and all(weights[k].float().abs().max() > 0 for k in zero_init)
+
+
+def test_bench_bf16_row_casts_the_dit_but_not_the_autoencoder():
+    """bf16 keeps 0.5 of resolution at the MDCT autoencoder's +64 ELU offset: only the DiT may run in bf16."""
+    from lab import bench
+
+    loaded = load_model()
+    model = loaded.model
+    dit = model.model
+    dtypes = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            dtypes.setdefault(name, output.dtype)
+        return hook
+
+    hooks = [next(m for m in dit.modules() if isinstance(m, torch.nn.Linear)).register_forward_hook(record("dit")),
+             model.pretransform.model.decoder.layers[-1].register_forward_hook(record("decoder"))]
+    settings = bench.generation_settings(loaded, steps=2, seconds=0.512)
+    try:
+        batch = bench.generate_batch(model, loaded, ["white noise"], seed=0, settings=settings,
+                                     compute_dtype=torch.bfloat16)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert dtypes == {"dit": torch.bfloat16, "decoder": torch.float32}
+    assert model.model is dit and np.isfinite(batch.audio).all()
