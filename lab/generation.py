@@ -193,7 +193,7 @@ def generate_pair(loaded: LoadedModel, quantized_model: torch.nn.Module, request
             clips[name] = generate_clip(model, loaded, request, trace_layer=trace_layer, quantized=is_quantized)
     fp, q = clips["full precision"], clips["quantized"]
     steps = _evenly_spaced(len(fp.denoised), max_decoded_steps)
-    to_audio = _decoder(loaded.model)
+    to_audio = decoder(loaded.model)
     logmel = [log_mel_distance(to_audio(fp.denoised[i]), to_audio(q.denoised[i]), loaded.sample_rate)
               for i in steps]
     return PairResult(request=request, sample_rate=loaded.sample_rate, full_precision=fp, quantized=q,
@@ -216,7 +216,7 @@ def _evenly_spaced(count: int, at_most: int) -> np.ndarray:
     return np.unique(np.linspace(0, count - 1, at_most).round().astype(int))
 
 
-def _decoder(model: torch.nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
+def decoder(model: torch.nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
     """Model space -> (channels, samples) audio: the pretransform's decoder for latent models, else identity."""
     pretransform = getattr(model, "pretransform", None)
 

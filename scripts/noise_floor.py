@@ -9,20 +9,17 @@ Corpus clips sit at -20 to -40 dB; a floor near 0 dB buries a tone's pitch and f
 The same floor of the sampler's denoised estimate at a few steps shows when during sampling it appears.
 """
 import argparse
-import contextlib
-import io
 import json
 import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lab import corpus  # noqa: E402
+from lab import corpus, generation  # noqa: E402
 from lab.models import load_model  # noqa: E402
 from lab.quantized import read_prompts  # noqa: E402
 from lab.settings import REPO_ROOT  # noqa: E402
@@ -41,25 +38,6 @@ def floor_db(energy: torch.Tensor, support: torch.Tensor) -> float:
     return 10 * torch.log10(energy[~support].sum() / energy[support].sum()).item()
 
 
-def generate(loaded, prompt: str, seed: int, settings: dict) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """The clip, and the decoded denoised estimate at each step in TRACE_STEPS (SAT's sampler callback)."""
-    from stable_audio_tools.inference.generation import generate_diffusion_cond
-
-    model, estimates = loaded.model, {}
-
-    def keep(info: dict) -> None:
-        if info["i"] in TRACE_STEPS:
-            estimates[info["i"]] = model.pretransform.decode(info["denoised"])[0, 0].numpy()
-
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # SAT prints the seed
-        audio = generate_diffusion_cond(
-            model, steps=settings["steps"], cfg_scale=settings["cfg_scale"], seed=seed, device="cpu",
-            conditioning=[{"prompt": prompt, "seconds_start": 0, "seconds_total": settings["seconds"]}],
-            sample_size=loaded.sample_size, sampler_type=settings["sampler_type"], sigma_min=settings["sigma_min"],
-            sigma_max=settings["sigma_max"], callback=keep)
-    return audio[0, 0].numpy(), estimates
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", default=str(REPO_ROOT / "assets" / "calibration_prompts.txt"))
@@ -75,14 +53,21 @@ def main() -> None:
     print(f"{loaded.model_id}: {json.dumps(settings)}")
     mdct = mdct_autoencoder()
     floors: dict[str, dict[str, list[float]]] = {}
+    to_audio = generation.decoder(loaded.model)
     for i, prompt in enumerate(tqdm(prompts, desc="generating", ascii=True)):
-        clip, estimates = generate(loaded, prompt, args.seed + i, settings)
+        request = generation.GenerationRequest(
+            prompt=prompt, seconds=settings["seconds"], steps=settings["steps"], cfg_scale=settings["cfg_scale"],
+            seed=args.seed + i, sampler=settings["sampler_type"], sigma_min=settings["sigma_min"],
+            sigma_max=settings["sigma_max"])
+        with torch.no_grad():
+            clip = generation.generate_clip(loaded.model, loaded, request)
         reference = channel_energy(mdct, corpus.synthesize(prompt, seed=args.seed + i))
         support = reference > reference.max() * 10 ** (-SUPPORT_DB / 10)
         family = floors.setdefault(corpus.parse_caption(prompt).family, {})
-        for step, estimate in estimates.items():
+        for step in (s for s in TRACE_STEPS if s < len(clip.denoised)):
+            estimate = to_audio(clip.denoised[step])[0]
             family.setdefault(f"step {step}", []).append(floor_db(channel_energy(mdct, estimate), support))
-        family.setdefault("final", []).append(floor_db(channel_energy(mdct, clip), support))
+        family.setdefault("final", []).append(floor_db(channel_energy(mdct, clip.audio[0]), support))
         family.setdefault("corpus", []).append(floor_db(reference, support))
     columns = list(next(iter(floors.values())))
     print("\nmedian floor (dB) of the denoised estimate per step, of the final clip and of the corpus clip")
