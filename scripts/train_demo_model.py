@@ -181,8 +181,8 @@ def build_autoencoder(seed: int, device: str, whiten: bool = False) -> tuple[tor
     """Stage 1: the MDCT autoencoder and its latent std over 256 corpus clips (the config's `scale`).
 
     whiten: also divide each MDCT channel by its own std over those clips (folded into the weights), so
-    that every channel goes from signal to noise at the same t; the low channels' std is ~20x the high
-    ones'. Tried against the broadband floor the shipped model leaves in quiet channels: it did not lower
+    that every channel goes from signal to noise at the same t; the low channels carry far more energy than
+    the high ones. Tried against the broadband floor the shipped model leaves in quiet channels: it did not lower
     it (docs/demo_model.md), so it is off by default."""
     audio, _ = corpus.training_batch(corpus.CaptionSampler(seed=seed + 7), 256, np.random.default_rng([seed, 7]))
 
