@@ -1,24 +1,36 @@
 """Train the embedded demo model (a small stable-audio-tools DiT over a small autoencoder) on the synthetic corpus.
 
-    python scripts/train_demo_model.py --out runs/demo                  # ~85 min on an idle 2-core CPU
+    python scripts/train_demo_model.py --out runs/demo                  # ~80 min on an idle 2-core CPU
     python scripts/train_demo_model.py --out runs/demo --resume         # continue after an interruption
     python scripts/train_demo_model.py --out runs/demo --export assets/demo_model   # ship the EMA weights
+    python scripts/train_demo_model.py --out runs/gpu --batch 128 --workers 6 --bank 32768 --minutes 7
+                                      # for a GPU (not yet run on one): CPU workers feed a bank of latents
 
-Stage 1 (seconds, rebuilt on every start) writes an MDCT into the autoencoder pretransform's weights and
-measures the latent std that becomes the config's `scale`. Stage 2 freezes it and trains the DiT on its
-latents, doing what stable-audio-tools' diffusion_cond training does for the v objective (without its Lightning/wandb wrapper): t ~ U(0, 1) (scrambled Sobol,
-like SAT), alpha = cos(t pi/2), sigma = sin(t pi/2), z_t = alpha z + sigma eps, target v = alpha eps - sigma z,
-and the model is called through `ConditionedDiffusionModelWrapper.forward` with the conditioner's output
-and 10 % CFG dropout. Training clips are synthesised on the fly (`lab.corpus`), never repeating a seed.
-The learning rate warms up, then follows a cosine to 10 % at `--steps`; `--minutes` caps the wall-clock
-time of the DiT's steps (a shared CPU can be slow) and training stops at whichever comes first. An EMA of
-the weights is what gets exported. Steps run under bf16 autocast (~1.35x faster than fp32 on this CPU).
+Stage 1 (seconds, rebuilt on every start) measures the std of the MDCT coefficients; divided by
+`--latent-boost` it becomes the config's `scale` (`latent_scale` says why). The MDCT is written into the
+autoencoder pretransform's weights. Stage 2 freezes it and trains the DiT on its latents, doing what
+stable-audio-tools' diffusion_cond training does for the v objective (without its Lightning/wandb wrapper):
+t ~ U(0, 1) (scrambled Sobol, like SAT), alpha = cos(t pi/2), sigma = sin(t pi/2), z_t = alpha z + sigma
+eps, target v = alpha eps - sigma z, the model called through `ConditionedDiffusionModelWrapper.forward`
+with the conditioner's output and 10 % CFG dropout.
+
+Training clips are synthesised on the fly (`lab.corpus`) in numbered chunks whose captions and seeds derive
+from (seed, chunk) alone, never repeating a seed. By default each step uses a fresh chunk made in this
+process; `--workers` makes chunks in parallel processes and `--bank` keeps the latents of the last N clips
+on the device, each step drawing its batch there (a GPU consumes clips faster than CPU cores make them, so
+clips are reused a few times, with fresh noise and t each time). The learning rate warms up, then follows a
+cosine to 10 % at `--steps` or at `--minutes` of step time (a shared CPU can be slow), whichever comes
+first, and training stops there. An EMA of the weights is what gets exported. Steps run under bf16 autocast
+(~1.35x faster than fp32 on this CPU) and without SAT's default activation checkpointing (recomputing the
+blocks cost ~22 % of a CPU step); clips are encoded in fp32 (`mdct`).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -53,8 +65,21 @@ AUTOENCODER = {
 LATENT_DIM = HOP
 
 
-def model_config(latent_scale: float) -> dict:
-    """The demo model's SAT config; `latent_scale` (latent std, measured after stage 1) makes latents ~unit."""
+COND_DIM = 256  # width of the caption token embeddings (the lut table)
+# The shipped DiT: wider than the 256 MDCT channels it denoises, as SAO's 1536 is wider than its 64 latent
+# channels; the timestep enters as a prepended token, as in SAO.
+DIT_DEFAULTS = {"width": 384, "depth": 4, "timestep_cond": "prepend"}
+
+
+def dit_config(width: int, depth: int, timestep_cond: str) -> dict:
+    """SAT DiffusionTransformer settings: SAO's block structure, heads of 64, caption tokens projected to `width`."""
+    return {"io_channels": LATENT_DIM, "patch_size": 1, "embed_dim": width, "depth": depth, "num_heads": width // 64,
+            "cond_token_dim": COND_DIM, "project_cond_tokens": width != COND_DIM,
+            "transformer_type": "continuous_transformer", "global_cond_type": timestep_cond}
+
+
+def model_config(latent_scale: float, dit: dict | None = None) -> dict:
+    """The demo model's SAT config; `latent_scale` (from stage 1) sets the std of the DiT's latents."""
     return {
         "model_type": "diffusion_cond",
         "sample_size": corpus.CLIP_SAMPLES,
@@ -65,17 +90,13 @@ def model_config(latent_scale: float) -> dict:
             "pretransform": {"type": "autoencoder", "config": AUTOENCODER, "scale": round(latent_scale, 4)},
             "conditioning": {
                 "configs": [{"id": "prompt", "type": "lut", "config": {"tokenizer_name": "tokenizer", "max_length": 8}}],
-                "cond_dim": 256,
+                "cond_dim": COND_DIM,
             },
             "diffusion": {
                 "cross_attention_cond_ids": ["prompt"],
                 "type": "dit",
                 "diffusion_objective": "v",
-                "config": {
-                    "io_channels": LATENT_DIM, "patch_size": 1, "embed_dim": 256, "depth": 6, "num_heads": 4,
-                    "cond_token_dim": 256, "project_cond_tokens": False,
-                    "transformer_type": "continuous_transformer",
-                },
+                "config": dit or dit_config(**DIT_DEFAULTS),
             },
         },
     }
@@ -91,28 +112,29 @@ CFG_DROPOUT = 0.1
 EMA_DECAY = 0.999
 WARMUP_STEPS = 200
 CHECKPOINT_EVERY_S = 180
+BANK_CHUNK = 64  # clips per chunk a worker makes for the latent bank
 OFFSET = 64.0  # added before each ELU so that it only sees positive values (where ELU(x) = x), removed after
 
-def write_model_files(directory: Path, latent_scale: float) -> Path:
+def write_model_files(directory: Path, latent_scale: float, dit: dict | None = None) -> Path:
     """model_config.json + tokenizer/ + generation.json in `directory` (the layout of assets/demo_model)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "model_config.json").write_text(json.dumps(model_config(latent_scale), indent=2) + "\n")
+    (directory / "model_config.json").write_text(json.dumps(model_config(latent_scale, dit), indent=2) + "\n")
     (directory / "generation.json").write_text(json.dumps(GENERATION_DEFAULTS, indent=2) + "\n")
     vocab.save_tokenizer(directory / "tokenizer")
     return directory / "model_config.json"
 
 
-def learning_rate(step: int, total_steps: int, peak: float) -> float:
+def learning_rate(step: int, progress: float, peak: float) -> float:
+    """Warm-up over WARMUP_STEPS, then a cosine from `peak` to 10 % as `progress` goes from 0 to 1."""
     warm = min(1.0, (step + 1) / WARMUP_STEPS)
-    progress = min(1.0, step / total_steps)
+    progress = min(1.0, progress)
     return peak * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int) -> None:
     decay = min(EMA_DECAY, (1 + step) / (10 + step))  # short memory early, so the EMA is usable soon
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 def mdct_basis() -> torch.Tensor:
@@ -139,13 +161,12 @@ def _identity_residual_units(block: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def mdct_autoencoder(channel_gain: torch.Tensor | None = None, device: str = "cpu") -> torch.nn.Module:
+def mdct_autoencoder(device: str = "cpu") -> torch.nn.Module:
     """SAT's Oobleck autoencoder (AUTOENCODER) with weights that compute an MDCT and its inverse exactly.
 
     Every ELU sees its input shifted up by OFFSET, where ELU is the identity; a constant channel carries
     the same shift through the strided (transposed) convolution so that it cancels. Reconstruction is
     exact except in the first and last 128 samples, which only one frame covers (the corpus fades there).
-    `channel_gain` (HOP,) multiplies each MDCT coefficient on the way in and divides it on the way out.
     """
     from stable_audio_tools.models.autoencoders import create_autoencoder_from_config
 
@@ -160,12 +181,11 @@ def mdct_autoencoder(channel_gain: torch.Tensor | None = None, device: str = "cp
     strided = torch.zeros(HOP, width, 2 * HOP)
     strided[:, 0], strided[:, 1] = basis, -basis  # MDCT of (x + OFFSET) - MDCT of OFFSET
     _set_weight(enc[1].layers[4], strided, OFFSET)
-    gain = torch.ones(HOP) if channel_gain is None else channel_gain.float().cpu()
-    _set_weight(enc[3], torch.diag(gain)[:, :, None] * torch.tensor([0.0, 1.0, 0.0]), -OFFSET * gain)
+    _set_weight(enc[3], torch.eye(HOP)[:, :, None] * torch.tensor([0.0, 1.0, 0.0]), -OFFSET)
 
     dec = autoencoder.decoder.layers  # conv k7, DecoderBlock, ELU, conv k7 (no bias)
     into = torch.zeros(2 * HOP, HOP, 7)
-    into[:HOP, :, 3] = torch.diag(1 / gain)  # channels < HOP: coefficient + OFFSET, channels >= HOP: OFFSET
+    into[:HOP, :, 3] = torch.eye(HOP)  # channels < HOP: coefficient + OFFSET, channels >= HOP: OFFSET
     _set_weight(dec[0], into, OFFSET)
     upsample = torch.zeros(2 * HOP, width, 2 * HOP)  # ConvTranspose1d weight: (in, out, kernel)
     upsample[:HOP, 0], upsample[HOP:, 0] = basis, -basis
@@ -177,44 +197,112 @@ def mdct_autoencoder(channel_gain: torch.Tensor | None = None, device: str = "cp
     return autoencoder.to(device).eval()
 
 
-def build_autoencoder(seed: int, device: str, whiten: bool = False) -> tuple[torch.nn.Module, float]:
-    """Stage 1: the MDCT autoencoder and its latent std over 256 corpus clips (the config's `scale`).
+def mdct(audio: torch.Tensor) -> torch.Tensor:
+    """(b, 1, n) audio -> (b, HOP, n / HOP) MDCT coefficients in fp32, in one strided convolution.
 
-    whiten: also divide each MDCT channel by its own std over those clips (folded into the weights), so
-    that every channel goes from signal to noise at the same t; the low channels carry far more energy than
-    the high ones. Tried against the broadband floor the shipped model leaves in quiet channels: it did not lower
-    it (docs/demo_model.md), so it is off by default."""
+    The same numbers as the encoder of `mdct_autoencoder()` (tests/test_train_demo_model.py checks), which
+    training cannot use directly: SAT's Oobleck runs its (identity) residual units on 2 channels at the audio
+    rate, ~30x slower on this CPU than the transform itself, and under bf16 autocast it sees x + 64 where
+    bf16 keeps steps of 0.25-0.5: 99 % of a training batch's latents round to exactly 0, the rest to coarse
+    steps (0 dB SNR). The models shipped before 2026-11-30 were trained on those. Autocast is off here,
+    whatever the caller has on.
+    """
+    basis = mdct_basis().to(audio.device)[:, None, :]
+    with torch.autocast(audio.device.type, enabled=False):
+        return torch.nn.functional.conv1d(audio.float(), basis, stride=HOP, padding=HOP // 2)
+
+
+def latent_scale(seed: int, device: str, boost: float) -> float:
+    """Stage 1: the config's `scale`, the std of the MDCT coefficients over 256 corpus clips divided by
+    `boost`, so the DiT's latents have std `boost`.
+
+    Why boost: per family, the latent RMS at unit std is ~1.4 for tones and sweeps, ~0.7 for chords and
+    noise, but ~0.2 for plucks and drum patterns (sparse, decaying). Under the v objective's schedule
+    (x_t = cos(t pi/2) x + sin(t pi/2) noise) a quiet clip is buried for most t: at t = 0.5 a drum pattern is
+    12 dB under the noise, and a model trained at unit std could not denoise it there (its x0 error was 0 dB
+    of the clip's energy, -24 dB for a tone's). Scaling the latents up moves every clip's signal-to-noise
+    range earlier in the schedule (input scaling, Chen 2023, "On the importance of noise scheduling for
+    diffusion models"); it is a change of the config's `scale` only."""
     audio, _ = corpus.training_batch(corpus.CaptionSampler(seed=seed + 7), 256, np.random.default_rng([seed, 7]))
-
-    def latents(autoencoder: torch.nn.Module) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([autoencoder.encode(torch.from_numpy(a).to(device)) for a in np.split(audio, 16)])
-
-    autoencoder = mdct_autoencoder(device=device)
-    if whiten:
-        channel_std = latents(autoencoder).std(dim=(0, 2))
-        autoencoder = mdct_autoencoder(1 / channel_std.clamp_min(1e-3 * channel_std.max().item()), device)
-    return autoencoder, latents(autoencoder).std().item()
+    return mdct(torch.from_numpy(audio).to(device)).std().item() / boost
 
 
-def v_loss(model, audio: torch.Tensor, captions: list[str], t: torch.Tensor) -> torch.Tensor:
-    """SAT's v-objective loss for one batch, in the pretransform's latent space. audio: (b, 1, n), t: (b,)."""
-    with torch.no_grad():
-        latents = model.pretransform.encode(audio) if model.pretransform is not None else audio
+def v_loss(model, latents: torch.Tensor, captions: list[str], t: torch.Tensor) -> torch.Tensor:
+    """SAT's v-objective loss for one batch of pretransform latents (b, c, frames), t: (b,)."""
     alpha, sigma = torch.cos(t * math.pi / 2)[:, None, None], torch.sin(t * math.pi / 2)[:, None, None]
     noise = torch.randn_like(latents)
     noised = latents * alpha + noise * sigma
     target = noise * alpha - latents * sigma
-    cond = model.conditioner([{"prompt": c} for c in captions], audio.device)
-    output = model(noised, t, cond=cond, cfg_dropout_prob=CFG_DROPOUT)
+    cond = model.conditioner([{"prompt": c} for c in captions], latents.device)
+    output = model(noised, t, cond=cond, cfg_dropout_prob=CFG_DROPOUT, use_checkpointing=False)
     return torch.nn.functional.mse_loss(output.float(), target.float())
+
+
+def synthesize_chunk(seed: int, index: int, size: int) -> tuple[np.ndarray, list[str]]:
+    """Chunk `index` of the training stream: `size` clips whose captions and seeds derive from (seed, index)
+    alone, so any process can make it and a resumed run goes on where it stopped."""
+    captions = corpus.CaptionSampler(seed=[seed, index])
+    return corpus.training_batch(captions, size, np.random.default_rng([seed, index, 1]))
+
+
+class ClipStream:
+    """The training stream's chunks, in order: made on demand here, or ahead of time by `workers` processes."""
+
+    def __init__(self, seed: int, chunk_size: int, first_chunk: int, workers: int):
+        self.seed, self.chunk_size, self.next_chunk = seed, chunk_size, first_chunk
+        self.pool = multiprocessing.Pool(workers) if workers else None
+        self.pending: collections.deque = collections.deque()
+        self.submitted, self.depth = first_chunk, 2 * workers  # chunks asked for; how many ahead
+        self._top_up()
+
+    def _top_up(self) -> None:
+        while len(self.pending) < self.depth:
+            self.pending.append(self.pool.apply_async(synthesize_chunk, (self.seed, self.submitted, self.chunk_size)))
+            self.submitted += 1
+
+    def get(self, wait: bool = True) -> tuple[np.ndarray, list[str]] | None:
+        """The next chunk (audio (n, 1, samples), captions), or None if `wait` is False and it is not made yet."""
+        if self.pool is None:
+            chunk = synthesize_chunk(self.seed, self.next_chunk, self.chunk_size)
+        elif not wait and not self.pending[0].ready():
+            return None
+        else:
+            chunk = self.pending.popleft().get()
+            self._top_up()
+        self.next_chunk += 1
+        return chunk
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+
+
+class LatentBank:
+    """A ring buffer of the latents (and captions) of the last `size` clips, on the training device."""
+
+    def __init__(self, size: int, shape: tuple[int, ...], device: str):
+        self.latents = torch.empty(size, *shape, device=device)
+        self.captions: list[str] = [""] * size
+        self.size, self.filled, self.cursor = size, 0, 0
+
+    def add(self, latents: torch.Tensor, captions: list[str]) -> None:
+        for latent, caption in zip(latents, captions):
+            self.latents[self.cursor] = latent
+            self.captions[self.cursor] = caption
+            self.cursor = (self.cursor + 1) % self.size
+        self.filled = min(self.size, self.filled + len(captions))
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        index = torch.randint(self.filled, (n,), generator=generator)
+        return self.latents[index.to(self.latents.device)], [self.captions[i] for i in index.tolist()]
 
 
 def export(out: Path, target: Path, half: bool) -> None:
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
     from safetensors.torch import save_file
 
-    write_model_files(target, state["latent_scale"])
+    dit = json.loads((out / "model_config.json").read_text())["model"]["diffusion"]["config"]  # the run's own
+    write_model_files(target, state["latent_scale"], dit)
     weights = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in state["ema"].items()}
     save_file(weights, str(target / "model.safetensors"), metadata={
         "step": str(state["step"]), "train_minutes": f"{state['elapsed_s'] / 60:.1f}", "seed": str(state["seed"])})
@@ -226,12 +314,13 @@ def train(args) -> None:
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
     out.mkdir(parents=True, exist_ok=True)
-    autoencoder, latent_scale = build_autoencoder(args.seed, device, args.whiten)
-    config_path = write_model_files(out, latent_scale)
+    scale = latent_scale(args.seed, device, args.latent_boost)
+    dit = dit_config(args.width, args.depth, args.timestep_cond)
+    config_path = write_model_files(out, scale, dit)
 
     torch.manual_seed(args.seed)
     model = build_model(read_config(config_path)).to(device)
-    model.pretransform.model.load_state_dict(autoencoder.state_dict())
+    model.pretransform.model.load_state_dict(mdct_autoencoder().state_dict())
     model.train()
     model.pretransform.eval()  # frozen: only the DiT and the prompt embeddings learn
     trainable = [p for name, p in model.named_parameters() if not name.startswith("pretransform.")]
@@ -239,19 +328,41 @@ def train(args) -> None:
         p.requires_grad_(True)
     ema = build_model(read_config(config_path)).to(device)  # not deepcopy: weight-normed convs refuse it
     ema.load_state_dict(model.state_dict())
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    step, elapsed_s = 0, 0.0
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01,
+                                  fused=device == "cuda")
+    step, elapsed_s, first_chunk = 0, 0.0, 0
     if args.resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        step, elapsed_s = state["step"], state["elapsed_s"]
+        step, elapsed_s, first_chunk = state["step"], state["elapsed_s"], state["chunk"]
         torch.set_rng_state(state["torch_rng"])
-    # Caption and clip seeds derive from (seed, step): a resumed run draws fresh clips, never repeats.
-    sampler = corpus.CaptionSampler(seed=args.seed * 1_000_003 + step)
-    seed_rng = np.random.default_rng([args.seed, step])
+    stream = ClipStream(args.seed, BANK_CHUNK if args.bank else args.batch, first_chunk, args.workers)
     sobol = torch.quasirandom.SobolEngine(1, scramble=True, seed=args.seed + step)
+    draw = torch.Generator().manual_seed(args.seed + step)  # which bank clips each step uses
+
+    def encoded(chunk: tuple[np.ndarray, list[str]]) -> tuple[torch.Tensor, list[str]]:
+        """What the model's pretransform would encode, without its cost (see `mdct`)."""
+        audio, captions = chunk
+        return mdct(torch.from_numpy(audio).to(device)) / model.pretransform.scale, captions
+
+    bank = None
+    if args.bank:
+        bank = LatentBank(args.bank, (LATENT_DIM, corpus.CLIP_SAMPLES // HOP), device)
+        with tqdm(desc="filling the latent bank", total=args.bank, unit="clip", ascii=True) as fill:
+            while bank.filled < args.bank:
+                bank.add(*encoded(stream.get()))
+                fill.update(bank.filled - fill.n)
+
+    def next_batch() -> tuple[torch.Tensor, list[str]]:
+        if bank is None:
+            return encoded(stream.get())
+        for _ in range(args.workers):  # what the workers have made since, up to one chunk each per step
+            if (chunk := stream.get(wait=False)) is None:
+                break
+            bank.add(*encoded(chunk))
+        return bank.sample(args.batch, draw)
 
     n_params = sum(p.numel() for p in model.model.parameters())
     print(f"stage 2: DiT {n_params / 1e6:.2f} M params, batch {args.batch}, {args.steps} steps or {args.minutes} min, "
@@ -260,8 +371,8 @@ def train(args) -> None:
     def save() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                    "step": step, "elapsed_s": elapsed_s, "seed": args.seed, "latent_scale": latent_scale,
-                    "torch_rng": torch.get_rng_state()}, tmp)
+                    "step": step, "elapsed_s": elapsed_s, "chunk": stream.next_chunk, "seed": args.seed,
+                    "latent_scale": scale, "torch_rng": torch.get_rng_state()}, tmp)
         tmp.replace(ckpt_path)
 
     budget_s = args.minutes * 60
@@ -269,13 +380,12 @@ def train(args) -> None:
     loss_avg, last_save = None, time.monotonic()
     while step < args.steps and elapsed_s < budget_s:
         started = time.monotonic()
-        audio, captions = corpus.training_batch(sampler, args.batch, seed_rng)
-        audio = torch.from_numpy(audio).to(device)
+        latents, captions = next_batch()
         t = sobol.draw(args.batch)[:, 0].to(device)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr)
+            group["lr"] = learning_rate(step, max(step / args.steps, elapsed_s / budget_s), args.lr)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=not args.fp32_train):
-            loss = v_loss(model, audio, captions, t)
+            loss = v_loss(model, latents, captions, t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -283,33 +393,46 @@ def train(args) -> None:
         update_ema(ema, model, step)
         step += 1
         elapsed_s += time.monotonic() - started
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-        bar.set_postfix_str(f"loss {loss_avg:.4f}, {elapsed_s / 60:.1f} min", refresh=False)
+        loss_avg = loss.detach() if loss_avg is None else loss_avg.lerp(loss.detach(), 0.02)  # no sync per step
+        if step % 50 == 0:
+            bar.set_postfix_str(f"loss {loss_avg.item():.4f}, {elapsed_s / 60:.1f} min", refresh=False)
         bar.update(1)
         if time.monotonic() - last_save > CHECKPOINT_EVERY_S:
             save()
             last_save = time.monotonic()
     save()
+    stream.close()
     bar.close()
-    print(f"done: step {step}, {elapsed_s / 60:.1f} min, running loss {loss_avg}; checkpoint {ckpt_path}")
+    print(f"done: step {step}, {elapsed_s / 60:.1f} min, running loss {loss_avg.item():.4f}; checkpoint {ckpt_path}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="run folder: checkpoint.pt + model files")
-    parser.add_argument("--steps", type=int, default=5000, help="DiT training steps in all (sets the lr schedule)")
-    parser.add_argument("--minutes", type=float, default=85.0, help="cap on the time spent in DiT training steps")
+    parser.add_argument("--steps", type=int, default=6000, help="DiT training steps in all (sets the lr schedule)")
+    parser.add_argument("--minutes", type=float, default=80.0, help="cap on the time spent in DiT training steps")
     parser.add_argument("--resume", action="store_true", help="continue stage 2 from OUT/checkpoint.pt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=6e-4, help="peak learning rate of the DiT")
-    parser.add_argument("--whiten", action="store_true",
-                        help="scale each MDCT channel to unit std (default: one scale for all, as shipped)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes synthesising training clips (default 0: this one, between steps)")
+    parser.add_argument("--bank", type=int, default=0, metavar="N",
+                        help="draw each batch from the latents of the last N clips made (needs --workers; "
+                             "default 0: every clip is used once)")
+    parser.add_argument("--latent-boost", type=float, default=4.0,
+                        help="latent std the DiT trains on (config scale = MDCT std / this; see latent_scale)")
+    parser.add_argument("--width", type=int, default=DIT_DEFAULTS["width"], help="DiT embedding width (heads of 64)")
+    parser.add_argument("--depth", type=int, default=DIT_DEFAULTS["depth"], help="DiT blocks")
+    parser.add_argument("--timestep-cond", choices=("adaLN", "prepend"), default=DIT_DEFAULTS["timestep_cond"],
+                        help="how the blocks see the timestep: adaLN scale/shift/gate, or a prepended token (SAO)")
     parser.add_argument("--fp32-train", action="store_true",
                         help="train in fp32 (default: bf16 autocast, ~1.35x faster per step on an AVX512-BF16 CPU)")
     parser.add_argument("--export", metavar="DIR", help="write the run's EMA weights + config to DIR and exit")
     parser.add_argument("--fp32", action="store_true", help="export fp32 weights (default fp16)")
     args = parser.parse_args()
+    if args.bank and (args.workers < 1 or args.bank < args.batch):
+        parser.error("--bank needs --workers >= 1 and at least --batch clips")
     if args.export:
         export(Path(args.out), Path(args.export), half=not args.fp32)
     else:
