@@ -6,8 +6,8 @@
     python scripts/train_demo_model.py --out runs/gpu --batch 128 --workers 6 --bank 32768 --minutes 7
                                       # for a GPU (not yet run on one): CPU workers feed a bank of latents
 
-Stage 1 (seconds, rebuilt on every start) measures the std of the MDCT coefficients; divided by
-`--latent-boost` it becomes the config's `scale` (`latent_scale` says why). The MDCT is written into the
+Stage 1 (seconds, rebuilt on every start) measures the std of the MDCT coefficients, the config's
+`scale`. The MDCT is written into the
 autoencoder pretransform's weights. Stage 2 freezes it and trains the DiT on its latents, doing what
 stable-audio-tools' diffusion_cond training does for the v objective (without its Lightning/wandb wrapper):
 t ~ U(0, 1) (scrambled Sobol, like SAT), alpha = cos(t pi/2), sigma = sin(t pi/2), z_t = alpha z + sigma
@@ -103,9 +103,9 @@ def model_config(latent_scale: float, dit: dict | None = None) -> dict:
 
 
 # Sampler defaults shipped next to the model (generation.json), chosen on the 24 calibration prompts (never
-# on the evaluation or held-out sets): v-ddim CFG 3 and 6 passed 5/24, dpmpp-3m-sde CFG 5 4/24, CFG 3 3/24.
-# v-ddim steps uniformly in t from 1 (it ignores sigma_min and clamps sigma_max to 1).
-GENERATION_DEFAULTS = {"steps": 50, "cfg_scale": 3.0, "sampler_type": "v-ddim",
+# on the evaluation or held-out sets): v-ddim CFG 1.5 passed 12/24, CFG 3 and 6 10/24, dpmpp-3m-sde (sigma_max
+# 80) CFG 5 9/24. v-ddim steps uniformly in t from 1 (it ignores sigma_min and clamps sigma_max to 1).
+GENERATION_DEFAULTS = {"steps": 50, "cfg_scale": 1.5, "sampler_type": "v-ddim",
                        "sigma_min": 0.01, "sigma_max": 1.0, "seconds": corpus.CLIP_SECONDS}
 
 CFG_DROPOUT = 0.1
@@ -212,19 +212,13 @@ def mdct(audio: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.conv1d(audio.float(), basis, stride=HOP, padding=HOP // 2)
 
 
-def latent_scale(seed: int, device: str, boost: float) -> float:
-    """Stage 1: the config's `scale`, the std of the MDCT coefficients over 256 corpus clips divided by
-    `boost`, so the DiT's latents have std `boost`.
+def latent_scale(seed: int, device: str) -> float:
+    """Stage 1: the std of the MDCT coefficients over 256 corpus clips, the config's `scale` (unit-std latents).
 
-    Why boost: per family, the latent RMS at unit std is ~1.4 for tones and sweeps, ~0.7 for chords and
-    noise, but ~0.2 for plucks and drum patterns (sparse, decaying). Under the v objective's schedule
-    (x_t = cos(t pi/2) x + sin(t pi/2) noise) a quiet clip is buried for most t: at t = 0.5 a drum pattern is
-    12 dB under the noise, and a model trained at unit std could not denoise it there (its x0 error was 0 dB
-    of the clip's energy, -24 dB for a tone's). Scaling the latents up moves every clip's signal-to-noise
-    range earlier in the schedule (input scaling, Chen 2023, "On the importance of noise scheduling for
-    diffusion models"); it is a change of the config's `scale` only."""
+    Scaling the latents up instead (std 4, so that quiet plucks and drum patterns are not buried under the
+    noise for most of the schedule) was tried and made pitch worse: docs/demo_model.md, Measured."""
     audio, _ = corpus.training_batch(corpus.CaptionSampler(seed=seed + 7), 256, np.random.default_rng([seed, 7]))
-    return mdct(torch.from_numpy(audio).to(device)).std().item() / boost
+    return mdct(torch.from_numpy(audio).to(device)).std().item()
 
 
 def v_loss(model, latents: torch.Tensor, captions: list[str], t: torch.Tensor) -> torch.Tensor:
@@ -314,7 +308,7 @@ def train(args) -> None:
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
     out.mkdir(parents=True, exist_ok=True)
-    scale = latent_scale(args.seed, device, args.latent_boost)
+    scale = latent_scale(args.seed, device)
     dit = dit_config(args.width, args.depth, args.timestep_cond)
     config_path = write_model_files(out, scale, dit)
 
@@ -420,8 +414,6 @@ def main() -> None:
     parser.add_argument("--bank", type=int, default=0, metavar="N",
                         help="draw each batch from the latents of the last N clips made (needs --workers; "
                              "default 0: every clip is used once)")
-    parser.add_argument("--latent-boost", type=float, default=4.0,
-                        help="latent std the DiT trains on (config scale = MDCT std / this; see latent_scale)")
     parser.add_argument("--width", type=int, default=DIT_DEFAULTS["width"], help="DiT embedding width (heads of 64)")
     parser.add_argument("--depth", type=int, default=DIT_DEFAULTS["depth"], help="DiT blocks")
     parser.add_argument("--timestep-cond", choices=("adaLN", "prepend"), default=DIT_DEFAULTS["timestep_cond"],
