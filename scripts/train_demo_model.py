@@ -6,13 +6,12 @@
     python scripts/train_demo_model.py --out runs/gpu --batch 128 --workers 6 --bank 32768 --minutes 7
                                       # for a GPU (not yet run on one): CPU workers feed a bank of latents
 
-Stage 1 (seconds, rebuilt on every start) measures the std of the MDCT coefficients, the config's
-`scale`. The MDCT is written into the
-autoencoder pretransform's weights. Stage 2 freezes it and trains the DiT on its latents, doing what
-stable-audio-tools' diffusion_cond training does for the v objective (without its Lightning/wandb wrapper):
-t ~ U(0, 1) (scrambled Sobol, like SAT), alpha = cos(t pi/2), sigma = sin(t pi/2), z_t = alpha z + sigma
-eps, target v = alpha eps - sigma z, the model called through `ConditionedDiffusionModelWrapper.forward`
-with the conditioner's output and 10 % CFG dropout.
+Stage 1 (seconds, rebuilt on every start) measures the std of the MDCT coefficients, the config's `scale`. The
+MDCT is written into the autoencoder pretransform's weights. Stage 2 freezes it and trains the DiT on its
+latents, doing what stable-audio-tools' diffusion_cond training does for the v objective (without its
+Lightning/wandb wrapper): t ~ U(0, 1) (scrambled Sobol, like SAT), alpha = cos(t pi/2), sigma = sin(t pi/2),
+z_t = alpha z + sigma eps, target v = alpha eps - sigma z, the model called through
+`ConditionedDiffusionModelWrapper.forward` with the conditioner's output and 10 % CFG dropout.
 
 Training clips are synthesised on the fly (`lab.corpus`) in numbered chunks whose captions and seeds derive
 from (seed, chunk) alone, never repeating a seed. By default each step uses a fresh chunk made in this
@@ -161,7 +160,7 @@ def _identity_residual_units(block: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def mdct_autoencoder(device: str = "cpu") -> torch.nn.Module:
+def mdct_autoencoder() -> torch.nn.Module:
     """SAT's Oobleck autoencoder (AUTOENCODER) with weights that compute an MDCT and its inverse exactly.
 
     Every ELU sees its input shifted up by OFFSET, where ELU is the identity; a constant channel carries
@@ -194,7 +193,7 @@ def mdct_autoencoder(device: str = "cpu") -> torch.nn.Module:
     last = torch.zeros(1, width, 7)
     last[0, 0, 3], last[0, 1, 3] = 1.0, -1.0
     _set_weight(dec[3], last)
-    return autoencoder.to(device).eval()
+    return autoencoder.eval()
 
 
 def mdct(audio: torch.Tensor) -> torch.Tensor:
