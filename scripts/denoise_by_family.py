@@ -9,7 +9,6 @@ estimate relative to the clip's energy, median over clips, in dB (0 dB: no bette
 Also each family's latent RMS: under one schedule a quiet family is buried under the noise for longer.
 """
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lab import corpus  # noqa: E402
 from lab.models import load_model  # noqa: E402
+from train_demo_model import alpha_sigma  # noqa: E402  (same directory)
 
 NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -37,10 +37,11 @@ def family_latents(model, family: str, clips: int, seed: int) -> tuple[torch.Ten
 def clean_estimate_error_db(model, latents: torch.Tensor, captions: list[str], t: float,
                             generator: torch.Generator) -> torch.Tensor:
     """Per clip: 10 log10(|x0_hat - x0|^2 / |x0|^2) of the model's clean estimate from x_t (v objective)."""
-    alpha, sigma = math.cos(t * math.pi / 2), math.sin(t * math.pi / 2)
+    t_batch = torch.full((len(captions),), t)
+    alpha, sigma = alpha_sigma(t_batch)
     noised = alpha * latents + sigma * torch.randn(latents.shape, generator=generator)
     cond = model.conditioner([{"prompt": c} for c in captions], latents.device)
-    v = model(noised, torch.full((len(captions),), t), cond=cond, cfg_dropout_prob=0.0)
+    v = model(noised, t_batch, cond=cond, cfg_dropout_prob=0.0)
     estimate = alpha * noised - sigma * v
     return 10 * torch.log10((estimate - latents).pow(2).mean(dim=(1, 2)) / latents.pow(2).mean(dim=(1, 2)))
 

@@ -220,9 +220,14 @@ def latent_scale(seed: int, device: str) -> float:
     return mdct(torch.from_numpy(audio).to(device)).std().item()
 
 
+def alpha_sigma(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAT's v-objective schedule, shaped to scale (b, c, frames) latents: x_t = alpha x + sigma noise."""
+    return torch.cos(t * math.pi / 2)[:, None, None], torch.sin(t * math.pi / 2)[:, None, None]
+
+
 def v_loss(model, latents: torch.Tensor, captions: list[str], t: torch.Tensor) -> torch.Tensor:
     """SAT's v-objective loss for one batch of pretransform latents (b, c, frames), t: (b,)."""
-    alpha, sigma = torch.cos(t * math.pi / 2)[:, None, None], torch.sin(t * math.pi / 2)[:, None, None]
+    alpha, sigma = alpha_sigma(t)
     noise = torch.randn_like(latents)
     noised = latents * alpha + noise * sigma
     target = noise * alpha - latents * sigma
