@@ -16,10 +16,13 @@ tokenizer knows. `HELD_OUT` lists captions never drawn for training: the model h
 words, but never in that combination, so adherence on them measures generalisation.
 
 Clips are mono, `SAMPLE_RATE` Hz, `CLIP_SAMPLES` long, deterministic given (caption, seed). The seed draws
-the noise, the point of the cycle where each tone starts and when the first beat falls. Random phase and
-offset are a design choice (not an A/B-measured one): with a fixed phase the DiT would have to compute each
-frame's phase from its absolute position (a frequency times a position); with a random one it can read it
-from the noisy frames, as a denoiser does. The evaluator never looks at phase.
+the noise (and so each pluck's burst and hi-hat's hits) and the point of the cycle where each tone starts.
+Random phase is a design choice (not an A/B-measured one): with a fixed phase the DiT would have to compute
+each frame's phase from its absolute position (a frequency times a position); with a random one it can read
+it from the noisy frames, as a denoiser does. The evaluator never looks at phase. Drum patterns, by contrast,
+start on the beat at FIRST_BEAT_SECONDS, so a kick pattern is one fixed clip per tempo and level (until
+2026-11-30 the first beat fell at a random point of the first half beat; no model trained here has learnt
+either: docs/demo_model.md).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import dataclasses
 import itertools
 
 import numpy as np
+from scipy.signal import lfilter
 
 SAMPLE_RATE = 16000
 CLIP_SAMPLES = 32768  # 2.048 s: a whole number of the demo model's 256-sample latent frames
@@ -45,8 +49,9 @@ FAMILIES = ("tone", "chord", "pluck", "noise", "rhythm", "sweep")
 # Linear gain per level: peak amplitude for pitched/percussive clips, 0.35 x gain RMS for noise.
 LEVEL_GAIN = {"soft": 0.3, None: 0.6, "loud": 0.95}
 NOISE_RMS_PER_GAIN = 0.35
-FIRST_BEAT_SECONDS = 0.02
-FIRST_BEAT_SPREAD = 0.5  # the first beat falls up to half a beat after FIRST_BEAT_SECONDS
+FIRST_BEAT_SECONDS = 0.02  # every pattern starts on the beat, this long after the clip starts
+PLUCK_T60_SECONDS = 4.0  # every plucked note, low or high, fades by 60 dB in this time
+PLUCK_BRIGHTNESS = 4.0  # the pluck's noise burst is low-passed at this many times its f0
 SWEEP_RANGE_HZ = (200.0, 3200.0)
 CHORD_INTERVALS = {"major": (0, 4, 7), "minor": (0, 3, 7)}
 # Relative weights of the families when sampling training captions.
@@ -238,16 +243,36 @@ def _fade(x: np.ndarray, fade_in: float = 0.01, fade_out: float = 0.03) -> np.nd
 
 
 def _pluck(f0: float, rng: np.random.Generator) -> np.ndarray:
-    """Karplus-Strong: a noise burst circulating in a delay line with a two-point averaging filter."""
-    period = max(2, int(round(SAMPLE_RATE / f0 - 0.5)))  # the averaging filter adds half a sample of delay
-    decay = 0.996
-    y = np.zeros(CLIP_SAMPLES + period + 1)
-    y[: period + 1] = rng.uniform(-1, 1, period + 1)
-    for start in range(period + 1, len(y), period):  # one period at a time: each block only reads the previous
-        stop = min(start + period, len(y))
-        n = np.arange(start, stop)
-        y[start:stop] = decay * 0.5 * (y[n - period] + y[n - period - 1])
-    return y[period + 1:]
+    """Karplus-Strong: a noise burst circulating in a delay line through a loss filter, as one IIR filter.
+
+    With three refinements after Jaffe & Smith (1983):
+    - the averaging filter's weight S is lowered for high notes and a loop gain set so that every note rings
+      for PLUCK_T60_SECONDS (plain Karplus-Strong dies ~40x faster at C6 than at C3: high plucks were silent
+      after 0.25 s);
+    - a first-order allpass supplies the fractional part of the loop delay, so that high notes are in tune
+      (a whole-sample delay is off by up to half a semitone at C6);
+    - the burst is low-passed, so that more of the clip's peak-normalised energy is in harmonics that ring.
+    """
+    period = SAMPLE_RATE / f0
+    w = 2 * np.pi * f0 / SAMPLE_RATE
+    loss_per_period = 10.0 ** (-3.0 / (PLUCK_T60_SECONDS * f0))  # amplitude kept per trip round the loop
+    # |(1 - S) + S e^{-jw}|^2 = 1 - 2 S (1 - S)(1 - cos w): the largest S <= 0.5 that loses no more than asked
+    need = (1 - loss_per_period**2) / (2 * (1 - np.cos(w)))
+    stretch = 0.5 if need >= 0.25 else 0.5 * (1 - np.sqrt(1 - 4 * need))
+    gain = loss_per_period / np.sqrt(1 - 2 * stretch * (1 - stretch) * (1 - np.cos(w)))
+    delay = int(period - stretch - 0.1)  # whole samples; the allpass adds the remaining 0.1..1.1
+    frac = period - stretch - delay
+    c = (1 - frac) / (1 + frac)  # allpass (c + z^-1) / (1 + c z^-1), phase delay ~ frac at low frequencies
+    # Y (1 + c z^-1) = X (1 + c z^-1) + gain z^-delay ((1 - S) + S z^-1)(c + z^-1) Y
+    a = np.zeros(delay + 3)
+    a[:2] = 1, c
+    a[delay:delay + 3] -= gain * np.array([(1 - stretch) * c, (1 - stretch) + stretch * c, stretch])
+    # The burst, low-passed at PLUCK_BRIGHTNESS x f0 (a soft pick: more of its energy in the harmonics that ring).
+    r = np.exp(-np.pi * PLUCK_BRIGHTNESS * f0 / SAMPLE_RATE)
+    noise = lfilter([1 - r], [1, -r], np.tile(rng.uniform(-1, 1, delay), 4))[-delay:]  # periodic steady state
+    burst = np.zeros(CLIP_SAMPLES)
+    burst[:delay] = noise - noise.mean()
+    return lfilter([1, c], a, burst)
 
 
 def _coloured_noise(colour: str, rng: np.random.Generator) -> np.ndarray:
@@ -276,8 +301,7 @@ def _hit(instrument: str, rng: np.random.Generator) -> np.ndarray:
 
 def _rhythm(instrument: str, bpm: int, rng: np.random.Generator) -> np.ndarray:
     x = np.zeros(CLIP_SAMPLES)
-    first = FIRST_BEAT_SECONDS + rng.uniform(0, FIRST_BEAT_SPREAD * 60.0 / bpm)
-    for start_s in beat_times(bpm, first):
+    for start_s in beat_times(bpm, FIRST_BEAT_SECONDS):
         hit = _hit(instrument, rng)
         start = int(round(start_s * SAMPLE_RATE))
         n = min(len(hit), CLIP_SAMPLES - start)

@@ -20,7 +20,7 @@ from lab import corpus  # noqa: E402
 from lab.models import load_model  # noqa: E402
 from train_demo_model import alpha_sigma  # noqa: E402  (same directory)
 
-NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
+NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)  # at t = 1 the model sees pure noise: the caption alone
 
 
 def family_latents(model, family: str, clips: int, seed: int) -> tuple[torch.Tensor, list[str]]:

@@ -1,6 +1,6 @@
 """Train the embedded demo model (a small stable-audio-tools DiT over a small autoencoder) on the synthetic corpus.
 
-    python scripts/train_demo_model.py --out runs/demo                  # ~80 min on an idle 2-core CPU
+    python scripts/train_demo_model.py --out runs/demo                  # 72-80 min on an idle 2-core CPU
     python scripts/train_demo_model.py --out runs/demo --resume         # continue after an interruption
     python scripts/train_demo_model.py --out runs/demo --export assets/demo_model   # ship the EMA weights
     python scripts/train_demo_model.py --out runs/gpu --batch 128 --workers 6 --bank 32768 --minutes 7
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lab import corpus, vocab  # noqa: E402
 from lab.models import build_model, read_config  # noqa: E402
 
-# The shipped model_config.json is built from these dicts: an 8 M-parameter DiT with SAO's block structure
+# The shipped model_config.json is built from these dicts: a 12.6 M-parameter DiT with SAO's block structure
 # (self-attention, cross-attention to the caption tokens, SwiGLU feed-forward) over the latents of an
 # autoencoder pretransform, as SAO's DiT runs over its VAE's latents. The autoencoder is SAT's Oobleck with
 # one 256x stride whose weights are set, not learnt, to a sine-window MDCT: 256 coefficients per 256
@@ -67,14 +67,20 @@ LATENT_DIM = HOP
 COND_DIM = 256  # width of the caption token embeddings (the lut table)
 # The shipped DiT: wider than the 256 MDCT channels it denoises, as SAO's 1536 is wider than its 64 latent
 # channels; the timestep enters as a prepended token, as in SAO.
-DIT_DEFAULTS = {"width": 384, "depth": 4, "timestep_cond": "prepend"}
+DIT_DEFAULTS = {"width": 384, "depth": 4, "timestep_cond": "prepend", "positions": "rope+sinusoid"}
 
 
-def dit_config(width: int, depth: int, timestep_cond: str) -> dict:
-    """SAT DiffusionTransformer settings: SAO's block structure, heads of 64, caption tokens projected to `width`."""
-    return {"io_channels": LATENT_DIM, "patch_size": 1, "embed_dim": width, "depth": depth, "num_heads": width // 64,
-            "cond_token_dim": COND_DIM, "project_cond_tokens": width != COND_DIM,
-            "transformer_type": "continuous_transformer", "global_cond_type": timestep_cond}
+def dit_config(width: int, depth: int, timestep_cond: str, positions: str) -> dict:
+    """SAT DiffusionTransformer settings: SAO's block structure, heads of 64, caption tokens projected to `width`.
+
+    `positions`: "rope" is SAO's rotary embedding alone (relative positions); "rope+sinusoid" also adds
+    SAT's ContinuousTransformer `use_sinusoidal_emb` (absolute positions, no parameters but a scale)."""
+    config = {"io_channels": LATENT_DIM, "patch_size": 1, "embed_dim": width, "depth": depth, "num_heads": width // 64,
+              "cond_token_dim": COND_DIM, "project_cond_tokens": width != COND_DIM,
+              "transformer_type": "continuous_transformer", "global_cond_type": timestep_cond}
+    if positions == "rope+sinusoid":
+        config["use_sinusoidal_emb"] = True
+    return config
 
 
 def model_config(latent_scale: float, dit: dict | None = None) -> dict:
@@ -313,7 +319,7 @@ def train(args) -> None:
     ckpt_path = out / "checkpoint.pt"
     out.mkdir(parents=True, exist_ok=True)
     scale = latent_scale(args.seed, device)
-    dit = dit_config(args.width, args.depth, args.timestep_cond)
+    dit = dit_config(args.width, args.depth, args.timestep_cond, args.positions)
     config_path = write_model_files(out, scale, dit)
 
     torch.manual_seed(args.seed)
@@ -422,6 +428,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=DIT_DEFAULTS["depth"], help="DiT blocks")
     parser.add_argument("--timestep-cond", choices=("adaLN", "prepend"), default=DIT_DEFAULTS["timestep_cond"],
                         help="how the blocks see the timestep: adaLN scale/shift/gate, or a prepended token (SAO)")
+    parser.add_argument("--positions", choices=("rope", "rope+sinusoid"), default=DIT_DEFAULTS["positions"],
+                        help="rotary embeddings only (SAO), or plus absolute sinusoidal ones")
     parser.add_argument("--fp32-train", action="store_true",
                         help="train in fp32 (default: bf16 autocast, ~1.35x faster per step on an AVX512-BF16 CPU)")
     parser.add_argument("--export", metavar="DIR", help="write the run's EMA weights + config to DIR and exit")

@@ -63,7 +63,7 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
 
 def test_a_tiny_run_trains_resumes_and_exports_a_loadable_model(tmp_path, monkeypatch):
     run, target = tmp_path / "run", tmp_path / "export"
-    tiny = ["--out", str(run), "--width", "64", "--depth", "1", "--batch", "2"]
+    tiny = ["--out", str(run), "--width", "64", "--depth", "1", "--batch", "2", "--positions", "rope+sinusoid"]
     for extra in (["--steps", "2"], ["--steps", "3", "--resume", "--workers", "1", "--bank", "4"],
                   ["--export", str(target)]):
         monkeypatch.setattr(sys, "argv", ["train_demo_model.py", *tiny, *extra])
@@ -73,7 +73,9 @@ def test_a_tiny_run_trains_resumes_and_exports_a_loadable_model(tmp_path, monkey
     moved = [k for k, v in state["ema"].items() if k.endswith("to_out.weight") and v.abs().max() > 0]
     assert moved  # zero-initialised in SAT: the steps changed them
     loaded = load_model(model_config=target / "model_config.json", ckpt_path=target / "model.safetensors")
-    assert loaded.model.model.model.transformer.layers[0].self_attn.to_out.weight.shape == (64, 64)
+    transformer = loaded.model.model.model.transformer
+    assert transformer.layers[0].self_attn.to_out.weight.shape == (64, 64)
+    assert transformer.use_sinusoidal_emb and transformer.rotary_pos_emb is not None  # both kinds of position
     audio, _ = corpus.training_batch(corpus.CaptionSampler(seed=11), 64, np.random.default_rng(11))
     with torch.no_grad():
         latents = loaded.model.pretransform.encode(torch.from_numpy(audio))
