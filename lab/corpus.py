@@ -285,8 +285,9 @@ def _coloured_noise(colour: str, rng: np.random.Generator) -> np.ndarray:
     return x - x.mean()
 
 
-def beat_times(bpm: int, first: float) -> np.ndarray:
-    return np.arange(first, CLIP_SECONDS, 60.0 / bpm)
+def beat_times(bpm: int) -> np.ndarray:
+    """When a pattern's hits start, in seconds: on the beat from FIRST_BEAT_SECONDS."""
+    return np.arange(FIRST_BEAT_SECONDS, CLIP_SECONDS, 60.0 / bpm)
 
 
 def _hit(instrument: str, rng: np.random.Generator) -> np.ndarray:
@@ -301,7 +302,7 @@ def _hit(instrument: str, rng: np.random.Generator) -> np.ndarray:
 
 def _rhythm(instrument: str, bpm: int, rng: np.random.Generator) -> np.ndarray:
     x = np.zeros(CLIP_SAMPLES)
-    for start_s in beat_times(bpm, FIRST_BEAT_SECONDS):
+    for start_s in beat_times(bpm):
         hit = _hit(instrument, rng)
         start = int(round(start_s * SAMPLE_RATE))
         n = min(len(hit), CLIP_SAMPLES - start)
