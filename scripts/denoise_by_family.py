@@ -28,34 +28,49 @@ def family_latents(model, family: str, clips: int, seed: int) -> tuple[torch.Ten
     captions = corpus.training_captions(family)
     rng = np.random.default_rng(seed)
     texts = [captions[i].text for i in rng.choice(len(captions), clips)]
-    audio = np.stack([corpus.synthesize(text, seed=seed + i) for i, text in enumerate(texts)])[:, None]
-    with torch.no_grad():
-        return model.pretransform.encode(torch.from_numpy(audio).float()), texts
+    return encoded_clips(model, texts, seed), texts
 
 
 @torch.no_grad()
-def clean_estimate_error_db(model, latents: torch.Tensor, captions: list[str], t: float,
-                            generator: torch.Generator) -> torch.Tensor:
-    """Per clip: 10 log10(|x0_hat - x0|^2 / |x0|^2) of the model's clean estimate from x_t (v objective)."""
+def encoded_clips(model, captions: list[str], seed: int) -> torch.Tensor:
+    """The corpus clips of `captions` (clip i with seed + i), encoded by the model's own pretransform."""
+    audio = np.stack([corpus.synthesize(text, seed=seed + i) for i, text in enumerate(captions)])[:, None]
+    return model.pretransform.encode(torch.from_numpy(audio).float())
+
+
+@torch.no_grad()
+def clean_estimate(model, latents: torch.Tensor, captions: list[str], t: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """The model's clean estimate (conditional, no CFG) from the latents noised to t as in training (v objective)."""
     t_batch = torch.full((len(captions),), t)
     alpha, sigma = alpha_sigma(t_batch)
     noised = alpha * latents + sigma * torch.randn(latents.shape, generator=generator)
     cond = model.conditioner([{"prompt": c} for c in captions], latents.device)
     v = model(noised, t_batch, cond=cond, cfg_dropout_prob=0.0)
-    estimate = alpha * noised - sigma * v
+    return alpha * noised - sigma * v
+
+
+def clean_estimate_error_db(model, latents: torch.Tensor, captions: list[str], t: float,
+                            generator: torch.Generator) -> torch.Tensor:
+    """Per clip: 10 log10(|x0_hat - x0|^2 / |x0|^2) of the model's clean estimate from x_t."""
+    estimate = clean_estimate(model, latents, captions, t, generator)
     return 10 * torch.log10((estimate - latents).pow(2).mean(dim=(1, 2)) / latents.pow(2).mean(dim=(1, 2)))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_from_command_line(description: str, clips: int, clips_help: str):
+    """The command line the demo-model diagnostics share: (args, the loaded model, a seeded generator)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model-config", help="defaults to the embedded demo model")
     parser.add_argument("--ckpt-path")
-    parser.add_argument("--clips", type=int, default=16, help="clips per family")
+    parser.add_argument("--clips", type=int, default=clips, help=clips_help)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-
     loaded = load_model(model_config=args.model_config, ckpt_path=args.ckpt_path)
-    generator = torch.Generator().manual_seed(args.seed)
+    return args, loaded, torch.Generator().manual_seed(args.seed)
+
+
+def main() -> None:
+    args, loaded, generator = model_from_command_line(__doc__.splitlines()[0], 16, "clips per family")
     print(f"{loaded.model_id}: median clean-estimate error relative to the clip (dB), conditional, no CFG")
     print(f"{'family':8s}{'latent RMS':>11s}" + "".join(f"{f't={t:g}':>8s}" for t in NOISE_LEVELS))
     for family in corpus.FAMILIES:

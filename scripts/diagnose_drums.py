@@ -1,0 +1,93 @@
+"""Why the demo model's drum patterns miss their tempo: what it makes of a kick pattern, step by step.
+
+    python scripts/diagnose_drums.py                                   # the embedded model
+    python scripts/diagnose_drums.py --model-config C --ckpt-path W    # any demo-grammar model
+
+A kick pattern is one fixed clip per caption (`lab.corpus`: the same hit on the beat from 20 ms), silent
+between hits. Two measurements on `--clips` kick captions of the training grammar:
+
+1. From the caption alone. Near t = 1 the DiT's input is almost pure noise, so the best clean estimate is
+   the clip itself. Printed: the cosine between the model's clean estimate and the clip (1: the pattern laid
+   out from the caption; 0: nothing of it), median over the clips.
+2. The floor between hits. v-ddim (the model's steps and CFG) runs from noise; at some of its steps, the RMS
+   of its clean estimate in the frames where the clip is silent, in the DiT's unit-std latent units, beside
+   the one-step estimate from the clip itself noised to the same t. A denoiser unsure whether a frame is
+   silent leaves a little of the noise in its estimate; v-ddim keeps each estimate as signal, so the leak
+   builds up into the broadband floor that the onset detector counts as hits.
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lab import corpus  # noqa: E402
+from lab.generation import GenerationRequest, generate_clip  # noqa: E402
+from denoise_by_family import clean_estimate, encoded_clips, model_from_command_line  # noqa: E402
+
+CAPTION_ONLY_T = (1.0, 0.95, 0.9, 0.8)
+SILENT_BELOW = 1e-4  # a frame is silent when its energy is below this fraction of the clip's loudest frame
+
+
+def kick_captions(clips: int, seed: int) -> list[str]:
+    kicks = [c.text for c in corpus.training_captions("rhythm") if c.instrument == "kick drum"]
+    return [kicks[i] for i in np.random.default_rng(seed).choice(len(kicks), clips, replace=False)]
+
+
+def caption_only_cosine(model, latents: torch.Tensor, captions: list[str], t: float,
+                        generator: torch.Generator) -> torch.Tensor:
+    """Per clip: cosine between the clean estimate from the clip noised to t and the clip."""
+    estimate = clean_estimate(model, latents, captions, t, generator)
+    return torch.nn.functional.cosine_similarity(estimate.flatten(1), latents.flatten(1), dim=1)
+
+
+def silent_frames(latent: torch.Tensor) -> torch.Tensor:
+    """(frames,) bool: where a (channels, frames) clip latent is silent."""
+    energy = latent.pow(2).sum(dim=0)
+    return energy < SILENT_BELOW * energy.max()
+
+
+def floor_rms(estimate: torch.Tensor, silent: torch.Tensor) -> float:
+    return estimate[:, silent].pow(2).mean().sqrt().item()
+
+
+@torch.no_grad()
+def floor_by_step(loaded, caption: str, latent: torch.Tensor, steps_to_show: list[int], seed: int,
+                  generator: torch.Generator) -> list[tuple[float, float, float]]:
+    """(t, sampler's floor, one-step floor) at each step in `steps_to_show` of a v-ddim run for `caption`."""
+    defaults = loaded.sampling
+    request = GenerationRequest(prompt=caption, seconds=corpus.CLIP_SECONDS, steps=defaults.steps,
+                                cfg_scale=defaults.cfg_scale, seed=seed, sampler="v-ddim", sigma_min=0.01,
+                                sigma_max=1.0)
+    clip = generate_clip(loaded.model, loaded, request)
+    silent = silent_frames(latent)
+    rows = []
+    for step in steps_to_show:
+        t = 1 - step / defaults.steps  # v-ddim's schedule: t from 1 in equal steps
+        one_step = clean_estimate(loaded.model, latent[None], [caption], t, generator)[0]
+        rows.append((t, floor_rms(clip.denoised[step][0], silent), floor_rms(one_step, silent)))
+    return rows
+
+
+def main() -> None:
+    args, loaded, generator = model_from_command_line(__doc__.splitlines()[0], 8, "kick captions")
+    captions = kick_captions(args.clips, args.seed)
+    latents = encoded_clips(loaded.model, captions, args.seed)
+    print(f"{loaded.model_id}: {len(captions)} kick captions")
+    print("1. clean estimate vs the clip, cosine (median), from the clip noised to t:")
+    for t in CAPTION_ONLY_T:
+        cosine = caption_only_cosine(loaded.model, latents, captions, t, generator)
+        print(f"   t = {t:<4g}  {cosine.median().item():5.2f}")
+    steps = loaded.sampling.steps
+    shown = sorted({0, steps // 10, steps // 5, steps // 2, (4 * steps) // 5, steps - 1})
+    print(f"2. RMS in the silent frames (median; unit-std latents): v-ddim's clean estimate, {steps} steps, "
+          f"CFG {loaded.sampling.cfg_scale:g} | one step from the clip noised to the same t")
+    table = np.median([floor_by_step(loaded, c, z, shown, args.seed + i, generator)
+                       for i, (c, z) in enumerate(zip(captions, latents))], axis=0)
+    for step, (t, sampled, one_step) in zip(shown, table):
+        print(f"   step {step:3d}  t = {t:4.2f}  {sampled:6.3f} | {one_step:6.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""scripts/diagnose_drums.py: kick captions, their silent frames and both floors, on the shipped model."""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import diagnose_drums  # noqa: E402
+from denoise_by_family import encoded_clips  # noqa: E402
+
+from lab import corpus  # noqa: E402
+from lab.models import load_model  # noqa: E402
+
+
+def test_kick_patterns_have_silent_frames_and_the_floor_is_measured_at_each_step():
+    loaded = load_model()
+    captions = diagnose_drums.kick_captions(2, seed=0)
+    assert len(set(captions)) == 2
+    assert all(c.family == "rhythm" and c.instrument == "kick drum" and not corpus.is_held_out(c)
+               for c in map(corpus.parse_caption, captions))
+    latents = encoded_clips(loaded.model, captions, seed=0)
+    silent = diagnose_drums.silent_frames(latents[0])
+    assert 0.2 < silent.float().mean() < 0.9  # hits, then silence until the next beat
+
+    generator = torch.Generator().manual_seed(0)
+    near_clean, pure_noise = (diagnose_drums.caption_only_cosine(loaded.model, latents, captions, t, generator)
+                              for t in (0.5, 1.0))
+    assert near_clean.min() > 0.8 and near_clean.min() > pure_noise.max()
+
+    rows = diagnose_drums.floor_by_step(loaded, captions[0], latents[0], [0, 49], seed=0, generator=generator)
+    assert [round(t, 2) for t, _, _ in rows] == [1.0, 0.02]
+    assert all(sampled >= 0 and one_step >= 0 for _, sampled, one_step in rows)
+    assert rows[-1][2] < 0.05  # one step from a barely noised clip: the silent frames come back silent
