@@ -8,13 +8,16 @@ between hits. Two measurements on `--clips` kick captions of the training gramma
 
 1. From the caption alone. Near t = 1 the DiT's input is almost pure noise, so the best clean estimate is
    the clip itself. Printed: the cosine between the model's clean estimate and the clip (1: the pattern laid
-   out from the caption; 0: nothing of it), median over the clips.
+   out from the caption; 0: nothing of it), median over the clips; then the same from 0.25 s on, where the
+   first hit has died away, with the clip's own caption and with the clips of the other tempi. Every
+   pattern has its first hit at 20 ms, so only after it does a cosine say whether the tempo was read.
 2. The floor between hits. v-ddim (the model's steps and CFG) runs from noise; at some of its steps, the RMS
    of its clean estimate in the frames where the clip is silent, in the DiT's unit-std latent units, beside
    the one-step estimate from the clip itself noised to the same t. A denoiser unsure whether a frame is
    silent leaves a little of the noise in its estimate; v-ddim keeps each estimate as signal, so the leak
    builds up into the broadband floor that the onset detector counts as hits.
 """
+import math
 import sys
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from lab.generation import GenerationRequest, generate_clip  # noqa: E402
 from denoise_by_family import clean_estimate, encoded_clips, model_from_command_line  # noqa: E402
 
 CAPTION_ONLY_T = (1.0, 0.95, 0.9, 0.8)
+AFTER_FIRST_HIT_S = 0.25  # a hit lasts 0.25 s (`lab.corpus`); later hits fall where the tempo puts them
 SILENT_BELOW = 1e-4  # a frame is silent when its energy is below this fraction of the clip's loudest frame
 
 
@@ -35,11 +39,17 @@ def kick_captions(clips: int, seed: int) -> list[str]:
     return [kicks[i] for i in np.random.default_rng(seed).choice(len(kicks), clips, replace=False)]
 
 
-def caption_only_cosine(model, latents: torch.Tensor, captions: list[str], t: float,
-                        generator: torch.Generator) -> torch.Tensor:
-    """Per clip: cosine between the clean estimate from the clip noised to t and the clip."""
+def caption_only_cosines(model, latents: torch.Tensor, captions: list[str], t: float,
+                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cosines of the clean estimates from the clips noised to t: each with its clip (per clip); from
+    AFTER_FIRST_HIT_S on, each with its clip (per clip) and with every clip of another tempo (per pair)."""
     estimate = clean_estimate(model, latents, captions, t, generator)
-    return torch.nn.functional.cosine_similarity(estimate.flatten(1), latents.flatten(1), dim=1)
+    whole = torch.nn.functional.cosine_similarity(estimate.flatten(1), latents.flatten(1), dim=1)
+    start = math.ceil(AFTER_FIRST_HIT_S / corpus.CLIP_SECONDS * latents.shape[-1])
+    later = torch.nn.functional.cosine_similarity(estimate[..., start:].flatten(1)[:, None],
+                                                  latents[..., start:].flatten(1)[None], dim=2)  # (estimate, clip)
+    bpm = torch.tensor([corpus.parse_caption(c).bpm for c in captions])
+    return whole, later.diagonal(), later[bpm[:, None] != bpm[None]]
 
 
 def silent_frames(latent: torch.Tensor) -> torch.Tensor:
@@ -75,10 +85,11 @@ def main() -> None:
     captions = kick_captions(args.clips, args.seed)
     latents = encoded_clips(loaded.model, captions, args.seed)
     print(f"{loaded.model_id}: {len(captions)} kick captions")
-    print("1. clean estimate vs the clip, cosine (median), from the clip noised to t:")
+    print(f"1. clean estimate from the clip noised to t, cosine (median) with the clip | from {AFTER_FIRST_HIT_S:g} s "
+          "on, with the clip | with the clips of the other tempi:")
     for t in CAPTION_ONLY_T:
-        cosine = caption_only_cosine(loaded.model, latents, captions, t, generator)
-        print(f"   t = {t:<4g}  {cosine.median().item():5.2f}")
+        cosines = caption_only_cosines(loaded.model, latents, captions, t, generator)
+        print(f"   t = {t:<4g}  " + " | ".join(f"{c.median().item():5.2f}" for c in cosines))
     steps = loaded.sampling.steps
     shown = sorted({0, steps // 10, steps // 5, steps // 2, (4 * steps) // 5, steps - 1})
     print(f"2. RMS in the silent frames (median; unit-std latents): v-ddim's clean estimate, {steps} steps, "

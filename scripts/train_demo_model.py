@@ -114,6 +114,7 @@ GENERATION_DEFAULTS = {"steps": 50, "cfg_scale": 1.5, "sampler_type": "v-ddim",
                        "sigma_min": 0.01, "sigma_max": 1.0, "seconds": corpus.CLIP_SECONDS}
 
 CFG_DROPOUT = 0.1
+ENERGY_FLOOR = 0.1  # clip_weights: no clip weighs more than 10x one at unit latent energy
 EMA_DECAY = 0.999
 WARMUP_STEPS = 200
 CHECKPOINT_EVERY_S = 180
@@ -231,15 +232,40 @@ def alpha_sigma(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cos(t * math.pi / 2)[:, None, None], torch.sin(t * math.pi / 2)[:, None, None]
 
 
-def v_loss(model, latents: torch.Tensor, captions: list[str], t: torch.Tensor) -> torch.Tensor:
-    """SAT's v-objective loss for one batch of pretransform latents (b, c, frames), t: (b,)."""
+def hold_position_scale(model: torch.nn.Module, scale: float) -> torch.nn.Parameter:
+    """Hold the absolute sinusoidal embedding's amplitude at `scale`; returns that (now frozen) parameter.
+
+    SAT learns it (init 384^-0.5); over the shipped run it fell to 0.002, as most families are random-phase
+    and absolute position only disturbed them, and from the caption alone the DiT could not place a kick
+    pattern (cosine 0.01 with the clip at t = 1; docs/demo_model.md)."""
+    transformer = model.model.model.transformer
+    if not transformer.use_sinusoidal_emb:
+        raise SystemExit("--position-scale needs --positions rope+sinusoid")
+    transformer.pos_emb.scale.data.fill_(scale)
+    return transformer.pos_emb.scale.requires_grad_(False)
+
+
+def v_loss(model, latents: torch.Tensor, captions: list[str], t: torch.Tensor, relative: bool = False) -> torch.Tensor:
+    """SAT's v-objective loss for one batch of pretransform latents (b, c, frames), t: (b,).
+
+    `relative`: each clip's loss divided by its energy (`clip_weights`) instead of SAT's plain mean."""
     alpha, sigma = alpha_sigma(t)
     noise = torch.randn_like(latents)
     noised = latents * alpha + noise * sigma
     target = noise * alpha - latents * sigma
     cond = model.conditioner([{"prompt": c} for c in captions], latents.device)
     output = model(noised, t, cond=cond, cfg_dropout_prob=CFG_DROPOUT, use_checkpointing=False)
-    return torch.nn.functional.mse_loss(output.float(), target.float())
+    per_clip = (output.float() - target.float()).pow(2).mean(dim=(1, 2))
+    return (per_clip * clip_weights(latents)).mean() if relative else per_clip.mean()
+
+
+def clip_weights(latents: torch.Tensor) -> torch.Tensor:
+    """(b,) loss weights: 1 / the clip's latent energy, floored at ENERGY_FLOOR.
+
+    The v loss is |x0 error|^2 / sigma^2, an absolute error: a kick pattern or a pluck, 14 dB quieter than a
+    tone, is worth a twentieth of one, and the plain loss left drum patterns no better denoised than silence
+    from t = 0.5 up (docs/demo_model.md). Divided by its energy, each clip counts by its relative error."""
+    return 1 / latents.float().pow(2).mean(dim=(1, 2)).clamp_min(ENERGY_FLOOR)
 
 
 def synthesize_chunk(seed: int, index: int, size: int) -> tuple[np.ndarray, list[str]]:
@@ -254,7 +280,9 @@ class ClipStream:
 
     def __init__(self, seed: int, chunk_size: int, first_chunk: int, workers: int):
         self.seed, self.chunk_size, self.next_chunk = seed, chunk_size, first_chunk
-        self.pool = multiprocessing.Pool(workers) if workers else None
+        # spawned, not forked: a fork copies whatever lock another thread holds (a test suite's app server,
+        # torch's thread pool), and a worker that needs it hangs
+        self.pool = multiprocessing.get_context("spawn").Pool(workers) if workers else None
         self.pending: collections.deque = collections.deque()
         self.submitted, self.depth = first_chunk, 2 * workers  # chunks asked for; how many ahead
         self._top_up()
@@ -330,6 +358,9 @@ def train(args) -> None:
     trainable = [p for name, p in model.named_parameters() if not name.startswith("pretransform.")]
     for p in trainable:
         p.requires_grad_(True)
+    if args.position_scale is not None:
+        held = hold_position_scale(model, args.position_scale)
+        trainable = [p for p in trainable if p is not held]
     ema = build_model(read_config(config_path)).to(device)  # not deepcopy: weight-normed convs refuse it
     ema.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01,
@@ -389,7 +420,7 @@ def train(args) -> None:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, max(step / args.steps, elapsed_s / budget_s), args.lr)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=not args.fp32_train):
-            loss = v_loss(model, latents, captions, t)
+            loss = v_loss(model, latents, captions, t, relative=args.loss_weighting == "relative")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -430,6 +461,10 @@ def main() -> None:
                         help="how the blocks see the timestep: adaLN scale/shift/gate, or a prepended token (SAO)")
     parser.add_argument("--positions", choices=("rope", "rope+sinusoid"), default=DIT_DEFAULTS["positions"],
                         help="rotary embeddings only (SAO), or plus absolute sinusoidal ones")
+    parser.add_argument("--position-scale", type=float, metavar="S",
+                        help="hold the absolute sinusoidal embedding's amplitude at S (default: learnt, as in SAT)")
+    parser.add_argument("--loss-weighting", choices=("absolute", "relative"), default="absolute",
+                        help="SAT's plain mean squared v error, or each clip's divided by its latent energy")
     parser.add_argument("--fp32-train", action="store_true",
                         help="train in fp32 (default: bf16 autocast, ~1.35x faster per step on an AVX512-BF16 CPU)")
     parser.add_argument("--export", metavar="DIR", help="write the run's EMA weights + config to DIR and exit")

@@ -14,8 +14,8 @@ from lab.models import load_model  # noqa: E402
 
 def test_kick_patterns_have_silent_frames_and_the_floor_is_measured_at_each_step():
     loaded = load_model()
-    captions = diagnose_drums.kick_captions(2, seed=0)
-    assert len(set(captions)) == 2
+    captions = diagnose_drums.kick_captions(3, seed=0)
+    assert len({corpus.parse_caption(c).bpm for c in captions}) == 3
     assert all(c.family == "rhythm" and c.instrument == "kick drum" and not corpus.is_held_out(c)
                for c in map(corpus.parse_caption, captions))
     latents = encoded_clips(loaded.model, captions, seed=0)
@@ -23,9 +23,11 @@ def test_kick_patterns_have_silent_frames_and_the_floor_is_measured_at_each_step
     assert 0.2 < silent.float().mean() < 0.9  # hits, then silence until the next beat
 
     generator = torch.Generator().manual_seed(0)
-    near_clean, pure_noise = (diagnose_drums.caption_only_cosine(loaded.model, latents, captions, t, generator)
+    near_clean, pure_noise = (diagnose_drums.caption_only_cosines(loaded.model, latents, captions, t, generator)
                               for t in (0.5, 1.0))
-    assert near_clean.min() > 0.8 and near_clean.min() > pure_noise.max()
+    assert near_clean[0].min() > 0.8 and near_clean[0].min() > pure_noise[0].max()
+    assert near_clean[1].min() > 0.8 > near_clean[2].max()  # beyond the first hit: its own tempo, not another's
+    assert len(near_clean[2]) == 6  # every ordered pair of the 3 tempi
 
     rows = diagnose_drums.floor_by_step(loaded, captions[0], latents[0], [0, 49], seed=0, generator=generator)
     assert [round(t, 2) for t, _, _ in rows] == [1.0, 0.02]

@@ -54,6 +54,14 @@ def test_latent_bank_keeps_the_newest_clips_with_their_captions():
     assert all(latent[0, 0].item() == int(caption.split()[1]) for latent, caption in zip(latents, captions))
 
 
+def test_clip_weights_count_relative_error_and_cap_near_silent_clips():
+    energies = torch.tensor([4.0, 1.0, 0.25, 1e-4])  # a loud tone ... a nearly silent clip
+    latents = energies.sqrt()[:, None, None] * torch.ones(4, 3, 5)
+    weights = train.clip_weights(latents)
+    assert torch.allclose(weights[:3] * energies[:3], torch.ones(3))  # weight x energy: the same for each
+    assert weights[3] == 1 / train.ENERGY_FLOOR
+
+
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
     peak = 1e-3
     assert train.learning_rate(0, 0.0, peak) < 0.01 * peak
@@ -63,13 +71,16 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
 
 def test_a_tiny_run_trains_resumes_and_exports_a_loadable_model(tmp_path, monkeypatch):
     run, target = tmp_path / "run", tmp_path / "export"
-    tiny = ["--out", str(run), "--width", "64", "--depth", "1", "--batch", "2", "--positions", "rope+sinusoid"]
+    tiny = ["--out", str(run), "--width", "64", "--depth", "1", "--batch", "2", "--positions", "rope+sinusoid",
+            "--position-scale", "0.75", "--loss-weighting", "relative"]
     for extra in (["--steps", "2"], ["--steps", "3", "--resume", "--workers", "1", "--bank", "4"],
                   ["--export", str(target)]):
         monkeypatch.setattr(sys, "argv", ["train_demo_model.py", *tiny, *extra])
         train.main()
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert state["step"] == 3 and state["chunk"] > 2  # the bank took whole chunks after the inline steps
+    scale = "model.model.transformer.pos_emb.scale"
+    assert state["model"][scale].item() == state["ema"][scale].item() == 0.75  # held (SAT: learnt, init 64^-0.5)
     moved = [k for k, v in state["ema"].items() if k.endswith("to_out.weight") and v.abs().max() > 0]
     assert moved  # zero-initialised in SAT: the steps changed them
     loaded = load_model(model_config=target / "model_config.json", ckpt_path=target / "model.safetensors")
