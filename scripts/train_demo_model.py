@@ -235,9 +235,9 @@ def alpha_sigma(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def hold_position_scale(model: torch.nn.Module, scale: float) -> torch.nn.Parameter:
     """Hold the absolute sinusoidal embedding's amplitude at `scale`; returns that (now frozen) parameter.
 
-    SAT learns it (init width^-0.5); over the shipped run it fell from 0.05 to 0.002, as most families are random-phase
-    and absolute position only disturbed them, and from the caption alone the DiT could not place a kick
-    pattern (cosine 0.01 with the clip at t = 1; docs/demo_model.md)."""
+    SAT learns it (init width^-0.5); over the shipped run it fell from 0.05 to 0.002, as most families are
+    random-phase and absolute position only disturbed them, and from the caption alone the DiT could not place
+    a kick pattern (cosine 0.01 with the clip at t = 1; docs/demo_model.md)."""
     transformer = model.model.model.transformer
     if not transformer.use_sinusoidal_emb:
         raise SystemExit("--position-scale needs --positions rope+sinusoid")
