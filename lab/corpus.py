@@ -190,16 +190,19 @@ def held_out_captions() -> list[Caption]:
 
 
 class CaptionSampler:
-    """Draws training captions: family by FAMILY_WEIGHTS, then uniformly within the family."""
+    """Draws training captions: family by FAMILY_WEIGHTS (among `families`, default all), then uniformly within it."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed, families: tuple[str, ...] = FAMILIES):
+        if unknown := set(families) - set(FAMILIES):
+            raise ValueError(f"unknown families {sorted(unknown)}; the corpus has {', '.join(FAMILIES)}")
         self.rng = np.random.default_rng(seed)
-        self.by_family = {f: training_captions(f) for f in FAMILIES}
-        weights = np.array([FAMILY_WEIGHTS[f] for f in FAMILIES])
+        self.families = tuple(families)
+        self.by_family = {f: training_captions(f) for f in self.families}
+        weights = np.array([FAMILY_WEIGHTS[f] for f in self.families])
         self.family_p = weights / weights.sum()
 
     def __call__(self) -> Caption:
-        family = FAMILIES[self.rng.choice(len(FAMILIES), p=self.family_p)]
+        family = self.families[self.rng.choice(len(self.families), p=self.family_p)]
         pool = self.by_family[family]
         return pool[self.rng.integers(len(pool))]
 

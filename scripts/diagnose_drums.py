@@ -16,6 +16,9 @@ between hits. Two measurements on `--clips` kick captions of the training gramma
    the one-step estimate from the clip itself noised to the same t. A denoiser unsure whether a frame is
    silent leaves a little of the noise in its estimate; v-ddim keeps each estimate as signal, so the leak
    builds up into the broadband floor that the onset detector counts as hits.
+3. How far the made clip is from passing. The clip plus the sampler's error (made minus clip latent) scaled
+   by f, decoded and checked like `lab.adherence`: how many captions come out at their tempo at each f, in
+   dB. The f at which most pass is how much cleaner the sampler's output has to become.
 """
 import math
 import sys
@@ -25,13 +28,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lab import corpus  # noqa: E402
+from lab import adherence, corpus  # noqa: E402
 from lab.generation import GenerationRequest, generate_clip  # noqa: E402
 from denoise_by_family import clean_estimate, encoded_clips, model_from_command_line  # noqa: E402
 
 CAPTION_ONLY_T = (1.0, 0.95, 0.9, 0.8)
 AFTER_FIRST_HIT_S = 0.25  # a hit lasts 0.25 s (`lab.corpus`); later hits fall where the tempo puts them
 SILENT_BELOW = 1e-4  # a frame is silent when its energy is below this fraction of the clip's loudest frame
+ERROR_SCALES = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)  # section 3: -0, -6, -10, -14, -20 and -26 dB
 
 
 def kick_captions(clips: int, seed: int) -> list[str]:
@@ -63,21 +67,35 @@ def floor_rms(estimate: torch.Tensor, silent: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def floor_by_step(loaded, caption: str, latent: torch.Tensor, steps_to_show: list[int], seed: int,
-                  generator: torch.Generator) -> list[tuple[float, float, float]]:
-    """(t, sampler's floor, one-step floor) at each step in `steps_to_show` of a v-ddim run for `caption`."""
+def sample(loaded, caption: str, seed: int):
+    """A v-ddim run for `caption` at the model's steps and CFG, keeping every step's clean estimate."""
     defaults = loaded.sampling
     request = GenerationRequest(prompt=caption, seconds=corpus.CLIP_SECONDS, steps=defaults.steps,
                                 cfg_scale=defaults.cfg_scale, seed=seed, sampler="v-ddim", sigma_min=0.01,
                                 sigma_max=1.0)
-    clip = generate_clip(loaded.model, loaded, request)
+    return generate_clip(loaded.model, loaded, request)
+
+
+@torch.no_grad()
+def floor_by_step(loaded, caption: str, latent: torch.Tensor, clip, steps_to_show: list[int],
+                  generator: torch.Generator) -> list[tuple[float, float, float]]:
+    """(t, sampler's floor, one-step floor) at each step in `steps_to_show` of `clip`, a `sample` of `caption`."""
     silent = silent_frames(latent)
     rows = []
     for step in steps_to_show:
-        t = 1 - step / defaults.steps  # v-ddim's schedule: t from 1 in equal steps
+        t = 1 - step / loaded.sampling.steps  # v-ddim's schedule: t from 1 in equal steps
         one_step = clean_estimate(loaded.model, latent[None], [caption], t, generator)[0]
         rows.append((t, floor_rms(clip.denoised[step][0], silent), floor_rms(one_step, silent)))
     return rows
+
+
+@torch.no_grad()
+def at_tempo_with_error_scaled(model, caption: str, latent: torch.Tensor, made: torch.Tensor) -> list[bool]:
+    """For each f in ERROR_SCALES: is latent + f (made - latent), decoded, at the caption's tempo?"""
+    bpm = corpus.parse_caption(caption).bpm
+    error = made - latent
+    return [adherence.check_rhythm(model.pretransform.decode((latent + f * error)[None])[0, 0].numpy(),
+                                   corpus.SAMPLE_RATE, bpm)["ok"] for f in ERROR_SCALES]
 
 
 def main() -> None:
@@ -94,10 +112,15 @@ def main() -> None:
     shown = sorted({0, steps // 10, steps // 5, steps // 2, (4 * steps) // 5, steps - 1})
     print(f"2. RMS in the silent frames (median; unit-std latents): v-ddim's clean estimate, {steps} steps, "
           f"CFG {loaded.sampling.cfg_scale:g} | one step from the clip noised to the same t")
-    table = np.median([floor_by_step(loaded, c, z, shown, args.seed + i, generator)
-                       for i, (c, z) in enumerate(zip(captions, latents))], axis=0)
+    clips = [sample(loaded, c, args.seed + i) for i, c in enumerate(captions)]
+    table = np.median([floor_by_step(loaded, c, z, clip, shown, generator)
+                       for c, z, clip in zip(captions, latents, clips)], axis=0)
     for step, (t, sampled, one_step) in zip(shown, table):
         print(f"   step {step:3d}  t = {t:4.2f}  {sampled:6.3f} | {one_step:6.3f}")
+    print("3. at the caption's tempo (lab.adherence's check), the clip + the sampler's error scaled by:")
+    passed = np.sum([at_tempo_with_error_scaled(loaded.model, c, z, clip.denoised[-1][0])
+                     for c, z, clip in zip(captions, latents, clips)], axis=0)
+    print("   " + " | ".join(f"{20 * math.log10(f):4.0f} dB {n}/{len(captions)}" for f, n in zip(ERROR_SCALES, passed)))
 
 
 if __name__ == "__main__":

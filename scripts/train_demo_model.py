@@ -21,7 +21,9 @@ clips are reused a few times, with fresh noise and t each time). The learning ra
 cosine to 10 % at `--steps` or at `--minutes` of step time (a shared CPU can be slow), whichever comes
 first, and training stops there. An EMA of the weights is what gets exported. Steps run under bf16 autocast
 (~1.35x faster than fp32 on this CPU) and without SAT's default activation checkpointing (recomputing the
-blocks cost ~22 % of a CPU step); clips are encoded in fp32 (`mdct`).
+blocks cost ~22 % of a CPU step); clips are encoded in fp32 (`mdct`). `--position-scale`, `--loss-weighting`,
+`--families` and `--high-t-fraction` (all off by default) are the drum-pattern experiments of
+docs/demo_model.md.
 """
 from __future__ import annotations
 
@@ -115,6 +117,7 @@ GENERATION_DEFAULTS = {"steps": 50, "cfg_scale": 1.5, "sampler_type": "v-ddim",
 
 CFG_DROPOUT = 0.1
 ENERGY_FLOOR = 0.1  # clip_weights: no clip weighs more than 10x one at unit latent energy
+HIGH_T = 0.9  # --high-t-fraction: where the caption alone must place a pattern (cosine 0.01 at t = 1, shipped)
 EMA_DECAY = 0.999
 WARMUP_STEPS = 200
 CHECKPOINT_EVERY_S = 180
@@ -227,6 +230,17 @@ def latent_scale(seed: int, device: str) -> float:
     return mdct(torch.from_numpy(audio).to(device)).std().item()
 
 
+def noise_levels(sobol: torch.quasirandom.SobolEngine, n: int, high_fraction: float = 0.0) -> torch.Tensor:
+    """(n,) training t: U(0, 1) from scrambled Sobol (as SAT), the first round(high_fraction n) moved to [HIGH_T, 1].
+
+    Near t = 1 the DiT sees almost pure noise, so it has only the caption to place a pattern fixed in time (a
+    kick's hits); uniform t gives that range a tenth of the steps (docs/demo_model.md, drum-pattern pilots)."""
+    t = sobol.draw(n)[:, 0]
+    high = round(high_fraction * n)
+    t[:high] = HIGH_T + (1 - HIGH_T) * t[:high]
+    return t
+
+
 def alpha_sigma(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SAT's v-objective schedule, shaped to scale (b, c, frames) latents: x_t = alpha x + sigma noise."""
     return torch.cos(t * math.pi / 2)[:, None, None], torch.sin(t * math.pi / 2)[:, None, None]
@@ -268,18 +282,20 @@ def clip_weights(latents: torch.Tensor) -> torch.Tensor:
     return 1 / latents.float().pow(2).mean(dim=(1, 2)).clamp_min(ENERGY_FLOOR)
 
 
-def synthesize_chunk(seed: int, index: int, size: int) -> tuple[np.ndarray, list[str]]:
-    """Chunk `index` of the training stream: `size` clips whose captions and seeds derive from (seed, index)
-    alone, so any process can make it and a resumed run goes on where it stopped."""
-    captions = corpus.CaptionSampler(seed=[seed, index])
+def synthesize_chunk(seed: int, index: int, size: int,
+                     families: tuple[str, ...] = corpus.FAMILIES) -> tuple[np.ndarray, list[str]]:
+    """Chunk `index` of the training stream: `size` clips of `families` whose captions and seeds derive from
+    (seed, index) alone, so any process can make it and a resumed run goes on where it stopped."""
+    captions = corpus.CaptionSampler(seed=[seed, index], families=families)
     return corpus.training_batch(captions, size, np.random.default_rng([seed, index, 1]))
 
 
 class ClipStream:
     """The training stream's chunks, in order: made on demand here, or ahead of time by `workers` processes."""
 
-    def __init__(self, seed: int, chunk_size: int, first_chunk: int, workers: int):
-        self.seed, self.chunk_size, self.next_chunk = seed, chunk_size, first_chunk
+    def __init__(self, seed: int, chunk_size: int, first_chunk: int, workers: int,
+                 families: tuple[str, ...] = corpus.FAMILIES):
+        self.seed, self.chunk_size, self.next_chunk, self.families = seed, chunk_size, first_chunk, families
         # spawned, not forked: a fork copies whatever lock another thread holds (a test suite's app server,
         # torch's thread pool), and a worker that needs it hangs
         self.pool = multiprocessing.get_context("spawn").Pool(workers) if workers else None
@@ -289,13 +305,14 @@ class ClipStream:
 
     def _top_up(self) -> None:
         while len(self.pending) < self.depth:
-            self.pending.append(self.pool.apply_async(synthesize_chunk, (self.seed, self.submitted, self.chunk_size)))
+            self.pending.append(self.pool.apply_async(
+                synthesize_chunk, (self.seed, self.submitted, self.chunk_size, self.families)))
             self.submitted += 1
 
     def get(self, wait: bool = True) -> tuple[np.ndarray, list[str]] | None:
         """The next chunk (audio (n, 1, samples), captions), or None if `wait` is False and it is not made yet."""
         if self.pool is None:
-            chunk = synthesize_chunk(self.seed, self.next_chunk, self.chunk_size)
+            chunk = synthesize_chunk(self.seed, self.next_chunk, self.chunk_size, self.families)
         elif not wait and not self.pending[0].ready():
             return None
         else:
@@ -373,7 +390,8 @@ def train(args) -> None:
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed_s, first_chunk = state["step"], state["elapsed_s"], state["chunk"]
         torch.set_rng_state(state["torch_rng"])
-    stream = ClipStream(args.seed, BANK_CHUNK if args.bank else args.batch, first_chunk, args.workers)
+    stream = ClipStream(args.seed, BANK_CHUNK if args.bank else args.batch, first_chunk, args.workers,
+                        tuple(args.families))
     sobol = torch.quasirandom.SobolEngine(1, scramble=True, seed=args.seed + step)
     draw = torch.Generator().manual_seed(args.seed + step)  # which bank clips each step uses
 
@@ -416,7 +434,7 @@ def train(args) -> None:
     while step < args.steps and elapsed_s < budget_s:
         started = time.monotonic()
         latents, captions = next_batch()
-        t = sobol.draw(args.batch)[:, 0].to(device)
+        t = noise_levels(sobol, args.batch, args.high_t_fraction).to(device)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, max(step / args.steps, elapsed_s / budget_s), args.lr)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=not args.fp32_train):
@@ -465,11 +483,18 @@ def main() -> None:
                         help="hold the absolute sinusoidal embedding's amplitude at S (default: learnt, as in SAT)")
     parser.add_argument("--loss-weighting", choices=("absolute", "relative"), default="absolute",
                         help="SAT's plain mean squared v error, or each clip's divided by its latent energy")
+    parser.add_argument("--families", nargs="+", choices=corpus.FAMILIES, default=list(corpus.FAMILIES),
+                        metavar="FAMILY", help="train on these caption families only (default: all, in "
+                        "corpus.FAMILY_WEIGHTS proportions; stage 1's latent scale is always the whole corpus's)")
+    parser.add_argument("--high-t-fraction", type=float, default=0.0, metavar="F",
+                        help=f"draw this fraction of each batch's t from [{HIGH_T}, 1] instead of U(0, 1) (default 0)")
     parser.add_argument("--fp32-train", action="store_true",
                         help="train in fp32 (default: bf16 autocast, ~1.35x faster per step on an AVX512-BF16 CPU)")
     parser.add_argument("--export", metavar="DIR", help="write the run's EMA weights + config to DIR and exit")
     parser.add_argument("--fp32", action="store_true", help="export fp32 weights (default fp16)")
     args = parser.parse_args()
+    if not 0 <= args.high_t_fraction <= 1:
+        parser.error("--high-t-fraction is a fraction: 0 to 1")
     if args.bank and (args.workers < 1 or args.bank < args.batch):
         parser.error("--bank needs --workers >= 1 and at least --batch clips")
     if args.export:

@@ -87,6 +87,17 @@ def test_held_out_combinations_are_never_sampled_but_their_words_are():
         assert set(caption.text.lower().split()) <= training_words, caption.text
 
 
+def test_sampler_can_be_restricted_to_some_families_in_their_proportions():
+    sampler = corpus.CaptionSampler(seed=1, families=("rhythm", "sweep"))
+    drawn = [sampler() for _ in range(3000)]
+    rhythm = sum(c.family == "rhythm" for c in drawn) / len(drawn)
+    share = corpus.FAMILY_WEIGHTS["rhythm"] / (corpus.FAMILY_WEIGHTS["rhythm"] + corpus.FAMILY_WEIGHTS["sweep"])
+    assert {c.family for c in drawn} == {"rhythm", "sweep"} and abs(rhythm - share) < 0.03
+    assert not any(corpus.is_held_out(c) for c in drawn)
+    with pytest.raises(ValueError, match="drums"):
+        corpus.CaptionSampler(seed=1, families=("drums",))
+
+
 def test_tokenizer_knows_every_caption_word(tmp_path):
     from transformers import AutoTokenizer
 

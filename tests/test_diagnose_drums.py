@@ -29,7 +29,15 @@ def test_kick_patterns_have_silent_frames_and_the_floor_is_measured_at_each_step
     assert near_clean[1].min() > 0.8 > near_clean[2].max()  # beyond the first hit: its own tempo, not another's
     assert len(near_clean[2]) == 6  # every ordered pair of the 3 tempi
 
-    rows = diagnose_drums.floor_by_step(loaded, captions[0], latents[0], [0, 49], seed=0, generator=generator)
+    clip = diagnose_drums.sample(loaded, captions[0], seed=0)
+    rows = diagnose_drums.floor_by_step(loaded, captions[0], latents[0], clip, [0, 49], generator=generator)
     assert [round(t, 2) for t, _, _ in rows] == [1.0, 0.02]
     assert all(sampled >= 0 and one_step >= 0 for _, sampled, one_step in rows)
     assert rows[-1][2] < 0.05  # one step from a barely noised clip: the silent frames come back silent
+
+    # Section 3 scales the made clip's error: with none left (f = 0) the corpus clip is at its tempo.
+    assert diagnose_drums.at_tempo_with_error_scaled(loaded.model, captions[0], latents[0], latents[0]) == [
+        True] * len(diagnose_drums.ERROR_SCALES)
+    made = clip.denoised[-1][0]
+    assert len(diagnose_drums.at_tempo_with_error_scaled(loaded.model, captions[0], latents[0], made)) == len(
+        diagnose_drums.ERROR_SCALES)

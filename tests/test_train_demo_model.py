@@ -44,6 +44,23 @@ def test_clip_stream_is_the_same_with_or_without_workers_and_resumes_mid_stream(
         pooled.close()
 
 
+def test_clip_stream_workers_make_clips_of_the_asked_families_only():
+    stream = train.ClipStream(5, 4, 0, workers=1, families=("rhythm",))
+    try:
+        _, captions = stream.get()
+        assert all(corpus.parse_caption(c).family == "rhythm" for c in captions)
+    finally:
+        stream.close()
+
+
+def test_noise_levels_move_the_asked_fraction_of_a_batch_near_pure_noise():
+    plain = train.noise_levels(torch.quasirandom.SobolEngine(1, scramble=True, seed=3), 16)
+    mixed = train.noise_levels(torch.quasirandom.SobolEngine(1, scramble=True, seed=3), 16, 0.5)
+    assert (plain < train.HIGH_T).sum() > 8  # U(0, 1): most below
+    assert (mixed[:8] >= train.HIGH_T).all() and torch.equal(mixed[8:], plain[8:])
+    assert torch.allclose(mixed[:8], train.HIGH_T + (1 - train.HIGH_T) * plain[:8])
+
+
 def test_latent_bank_keeps_the_newest_clips_with_their_captions():
     bank = train.LatentBank(4, (2, 3), "cpu")
     for start in (0, 3):  # 6 clips into 4 slots: clips 0 and 1 are overwritten
@@ -73,7 +90,8 @@ def test_a_tiny_run_trains_resumes_and_exports_a_loadable_model(tmp_path, monkey
     run, target = tmp_path / "run", tmp_path / "export"
     tiny = ["--out", str(run), "--width", "64", "--depth", "1", "--batch", "2", "--positions", "rope+sinusoid",
             "--position-scale", "0.75", "--loss-weighting", "relative"]
-    for extra in (["--steps", "2"], ["--steps", "3", "--resume", "--workers", "1", "--bank", "4"],
+    for extra in (["--steps", "2"], ["--steps", "3", "--resume", "--workers", "1", "--bank", "4",
+                                     "--families", "rhythm", "noise", "--high-t-fraction", "0.5"],
                   ["--export", str(target)]):
         monkeypatch.setattr(sys, "argv", ["train_demo_model.py", *tiny, *extra])
         train.main()
