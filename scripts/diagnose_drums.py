@@ -35,7 +35,7 @@ from denoise_by_family import clean_estimate, encoded_clips, model_from_command_
 CAPTION_ONLY_T = (1.0, 0.95, 0.9, 0.8)
 AFTER_FIRST_HIT_S = 0.25  # a hit lasts 0.25 s (`lab.corpus`); later hits fall where the tempo puts them
 SILENT_BELOW = 1e-4  # a frame is silent when its energy is below this fraction of the clip's loudest frame
-ERROR_SCALES = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)  # section 3: -0, -6, -10, -14, -20 and -26 dB
+ERROR_SCALES = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)  # section 3: 0, -6, -10, -14, -20 and -26 dB
 
 
 def kick_captions(clips: int, seed: int) -> list[str]:
