@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lab import adherence, corpus  # noqa: E402
-from lab.generation import GenerationRequest, generate_clip  # noqa: E402
+from lab.generation import GenerationRequest, decoder, generate_clip  # noqa: E402
 from denoise_by_family import clean_estimate, encoded_clips, model_from_command_line  # noqa: E402
 
 CAPTION_ONLY_T = (1.0, 0.95, 0.9, 0.8)
@@ -92,10 +92,10 @@ def floor_by_step(loaded, caption: str, latent: torch.Tensor, clip, steps_to_sho
 @torch.no_grad()
 def at_tempo_with_error_scaled(model, caption: str, latent: torch.Tensor, made: torch.Tensor) -> list[bool]:
     """For each f in ERROR_SCALES: is latent + f (made - latent), decoded, at the caption's tempo?"""
-    bpm = corpus.parse_caption(caption).bpm
+    bpm, to_audio = corpus.parse_caption(caption).bpm, decoder(model)
     error = made - latent
-    return [adherence.check_rhythm(model.pretransform.decode((latent + f * error)[None])[0, 0].numpy(),
-                                   corpus.SAMPLE_RATE, bpm)["ok"] for f in ERROR_SCALES]
+    return [adherence.check_rhythm(to_audio((latent + f * error)[None])[0], corpus.SAMPLE_RATE, bpm)["ok"]
+            for f in ERROR_SCALES]
 
 
 def main() -> None:
