@@ -52,6 +52,19 @@ def test_audio_of_another_caption_is_rejected(ground_truth):
     assert adherence.accuracy_by_family(results)["all"]["accuracy"] <= 0.05, adherence.format_table(results)
 
 
+def test_a_steady_noise_floor_under_the_hits_leaves_the_tempo_alone():
+    """Generated drum patterns are never digitally silent between hits: a floor that does not come and go must not
+    count as onsets (scripts/diagnose_drums.py section 4 relies on this), and the wrong tempo still fails."""
+    rng = np.random.default_rng(3)
+    pool = corpus.all_captions("rhythm")
+    for i in rng.choice(len(pool), size=6, replace=False):
+        caption = pool[i]
+        y = corpus.synthesize(caption, seed=int(i))
+        floored = y + 10 ** (-40 / 20) * np.abs(y).max() * rng.standard_normal(y.shape)
+        assert adherence.evaluate(caption.text, floored, SR)["ok"], caption.text
+        assert not adherence.evaluate(_wrong(caption).text, floored, SR)["ok"], caption.text
+
+
 def test_major_and_minor_chords_are_told_apart():
     for waveform in corpus.WAVEFORMS:
         y = corpus.synthesize(f"{waveform} minor chord on D4")
