@@ -1,5 +1,5 @@
-# One-command set-up: `make demo` and `make test` create or refresh .venv whenever requirements.txt
-# changes (sha256 stamp), install Debian's chromium for the browser test, then run.
+# One-command set-up: every target creates or refreshes .venv whenever requirements.txt or pyproject.toml
+# changes (sha256 stamp): the pinned lock first, then this project in editable mode without dependencies.
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,15 +7,17 @@ STAMP  := $(VENV)/.requirements.sha256
 # torch's default OpenMP threads spin while waiting: on a shared 2-core machine that made one clip ~20x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test bench train chromium clean
+.PHONY: venv demo test test-fast lint bench train chromium clean
 
 venv:
 	@if [ ! -x $(PY) ]; then $(PYTHON) -m venv $(VENV); fi
-	@if ! sha256sum --status -c $(STAMP) 2>/dev/null; then \
+	@want=$$(cat requirements.txt pyproject.toml | sha256sum); \
+	if [ "$$(cat $(STAMP) 2>/dev/null)" != "$$want" ]; then \
 		echo "Installing requirements.txt into $(VENV) (first time: ~6 GB, a few minutes)"; \
 		$(PY) -m pip install -q --upgrade pip && \
 		$(PY) -m pip install -q -r requirements.txt && \
-		sha256sum requirements.txt > $(STAMP); \
+		$(PY) -m pip install -q --no-deps -e . && \
+		echo "$$want" > $(STAMP); \
 	fi
 
 chromium:
@@ -26,16 +28,22 @@ chromium:
 		else echo "chromium missing and not root: the browser test will be skipped"; fi; }
 
 demo: venv
-	$(PY) app.py $(ARGS)
+	$(VENV)/bin/ptq-lab $(ARGS)
 
-test: venv chromium
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: lint chromium
 	$(PY) -m pytest -q tests $(ARGS)
 
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow and not browser" tests $(ARGS)
+
 bench: venv
-	$(PY) -m lab.bench $(ARGS)
+	$(VENV)/bin/ptq-bench $(ARGS)
 
 train: venv
-	$(PY) scripts/train_demo_model.py $(ARGS)
+	$(VENV)/bin/ptq-train $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache *.egg-info

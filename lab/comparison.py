@@ -1,14 +1,12 @@
-"""What one click of the app does, without Gradio: generate a pair, make it fair to listen to, draw it,
-present it blind, store the ratings.
+"""What one click of the experimenter's Compare tab does, without Gradio: generate a pair, make it fair to
+listen to, draw it.
 
-`Lab` holds the long-lived pieces (FP model, quantized-model cache, ratings store, output folder);
-app.py only maps widgets to these methods and `ValueError`s to `gr.Error`.
+`Lab` holds the long-lived pieces (FP model, quantized-model cache, output folder); the UI only maps widgets
+to its methods and `ValueError`s to messages. Listening studies live in `lab.study`.
 """
 from __future__ import annotations
 
-import random
 import time
-import tomllib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +18,12 @@ import torch
 import quant
 from lab import figures
 from lab.audio import loudness_match, write_wav
-from lab.generation import GenerationRequest, PairResult, generate_clip, generate_pair, linear_layer_names
-from lab.models import LoadedModel
+from lab.generation import GenerationRequest, PairResult, generate_clip, generate_pair, linear_layer_names, snr_db
 from lab.quantized import QuantizedModels, describe
-from lab.ratings import SYSTEMS, RatingsStore, Trial
-from lab.settings import REPO_ROOT
+from lab.resources import app_version, read_prompts
+from lab.sat import LoadedModel, load_model
+from lab.settings import Settings
 
-APP_VERSION = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
 OUTPUT_MAX_AGE_S = 3600  # generated WAVs older than this are deleted on the next write
 
 
@@ -44,18 +41,11 @@ class ComparisonView:
     channel_outliers: go.Figure | None
 
 
-@dataclass
-class BlindPair:
-    trial: Trial
-    wav_a: Path
-    wav_b: Path
-
-
 class Lab:
-    def __init__(self, loaded: LoadedModel, quantized: QuantizedModels, store: RatingsStore, output_dir: Path):
+    def __init__(self, loaded: LoadedModel, quantized: QuantizedModels, output_dir: Path):
         self.loaded = loaded
         self.quantized = quantized
-        self.store = store
+        self.version = app_version()
         self.output_dir = Path(output_dir)
         self.layers = linear_layer_names(loaded.model)
 
@@ -78,6 +68,7 @@ class Lab:
 
     def compare(self, request: GenerationRequest, recipe_name: str, layer: str | None = None,
                 on_clip=None) -> ComparisonView:
+        request.validate(max_seconds=self.max_seconds)  # before any model is quantized: a bad request costs nothing
         if layer is not None and layer not in self.layers:
             raise ValueError(f"Unknown layer {layer!r}; pick one of the DiT's linear layers.")
         quantized_model, recipe = self.quantized.get(recipe_name)
@@ -99,37 +90,6 @@ class Lab:
             activation_heatmap=activation_heatmap, activation_steps=activation_steps,
             channel_outliers=channel_outliers)
 
-    def blind_pair(self, request: GenerationRequest, recipe_name: str, session_id: str) -> BlindPair:
-        """Generate a pair and present it as A/B in random order; file names reveal nothing."""
-        quantized_model, recipe = self.quantized.get(recipe_name)
-        pair = generate_pair(self.loaded, quantized_model, request)
-        precision, method = describe(recipe)
-        trial = Trial(trial_id=uuid.uuid4().hex[:12], session_id=session_id, prompt=request.prompt,
-                      negative_prompt=request.negative_prompt, seed=request.seed, steps=request.steps,
-                      cfg=request.cfg_scale, sampler=request.sampler, model_id=self.loaded.model_id,
-                      recipe=recipe.name, recipe_hash=recipe.hash(), precision=precision, method=method,
-                      a_system=random.choice(SYSTEMS), presented_at=time.time())
-        label_of = {system: label for label, system in trial.systems.items()}
-        fp_wav, q_wav = self._write_pair(pair, f"{trial.trial_id}_{label_of['full precision']}",
-                                         f"{trial.trial_id}_{label_of['quantized']}")
-        wav_of = {"full precision": fp_wav, "quantized": q_wav}
-        return BlindPair(trial=trial, wav_a=wav_of[trial.systems["A"]], wav_b=wav_of[trial.systems["B"]])
-
-    def submit_rating(self, trial: Trial | None, played: set[str], *, rater_id: str, score_a, score_b,
-                      preference: str = "", attention_check: str = "") -> int:
-        """Validate one A/B submission and append its two rows; returns the number of rows written."""
-        if trial is None:
-            raise ValueError("There is no pair to rate yet: press 'New pair' first.")
-        missing = {"A", "B"} - set(played)
-        if missing:
-            raise ValueError(f"Play both clips before submitting (not played yet: {', '.join(sorted(missing))}).")
-        if not str(rater_id or "").strip():
-            raise ValueError("Enter a rater id (or keep the generated one).")
-        scores = {"A": _score(score_a, "A"), "B": _score(score_b, "B")}
-        rows = trial.rows(rater_id=str(rater_id).strip(), scores=scores, preference=preference or "",
-                          attention_check=attention_check, app_version=APP_VERSION, now=time.time())
-        return self.store.append(rows)
-
     def _write_pair(self, pair: PairResult, fp_name: str, q_name: str) -> tuple[Path, Path]:
         _prune(self.output_dir, OUTPUT_MAX_AGE_S)
         fp_audio, q_audio = loudness_match([pair.full_precision.audio, pair.quantized.audio], pair.sample_rate)
@@ -139,11 +99,13 @@ class Lab:
     def _summary(self, pair: PairResult, recipe: quant.Recipe, quantized_model) -> str:
         precision, method = describe(recipe)
         memory = quant.memory_report(quantized_model)
+        waveform_snr = snr_db(torch.from_numpy(pair.full_precision.audio), torch.from_numpy(pair.quantized.audio))
+        space = "latent" if getattr(self.loaded.model, "pretransform", None) is not None else "model-space"
         lines = [
             f"**Full precision:** {pair.full_precision.seconds_taken:.2f} s · "
             f"**Quantized** (`{recipe.name}`, {precision} {method}): {pair.quantized.seconds_taken:.2f} s",
-            f"Seed {pair.request.seed} · final-step SNR {pair.step_snr_db[-1]:.1f} dB · "
-            f"final log-mel distance {pair.step_logmel_db[-1]:.2f} dB",
+            f"Seed {pair.request.seed} · waveform SNR {waveform_snr:.1f} dB · {space} SNR of the last denoised "
+            f"estimate {pair.step_snr_db[-1]:.1f} dB · log-mel distance {pair.step_logmel_db[-1]:.2f} dB",
             f"DiT linear layers: {memory.linear_bytes / 2**20:.2f} MiB quantized vs "
             f"{memory.linear_fp32_bytes / 2**20:.2f} MiB in fp32 ({memory.ratio_fp32:.0%})",
         ]
@@ -158,16 +120,6 @@ class Lab:
         return [None if f is None else f.detach().float().cpu().numpy() for f in factors]
 
 
-def _score(value, label: str) -> int:
-    try:
-        score = int(str(value).split()[0])  # accepts 4 or "4 - Good"
-    except (ValueError, IndexError):
-        raise ValueError(f"Rate clip {label} on the 1-5 scale.") from None
-    if not 1 <= score <= 5:
-        raise ValueError(f"Rate clip {label} on the 1-5 scale.")
-    return score
-
-
 def _prune(folder: Path, max_age_s: float) -> None:
     if not folder.exists():
         return
@@ -178,3 +130,18 @@ def _prune(folder: Path, max_age_s: float) -> None:
                 path.unlink()
         except FileNotFoundError:
             pass  # removed by a concurrent prune
+
+
+def build_lab(settings: Settings, *, model=None, model_config=None, ckpt_path=None, quantized_files=()) -> Lab:
+    """The engine the app serves: the model and its quantized-model cache (with any pre-quantized files)."""
+    loaded = load_model(model, model_config=model_config, ckpt_path=ckpt_path,
+                        device="cuda" if torch.cuda.is_available() else "cpu")
+    quantized = QuantizedModels(loaded, cache_dir=settings.cache_dir,
+                                calibration_prompts=read_prompts(settings.calibration_prompts),
+                                calibration_steps=settings.calibration_steps,
+                                max_models=settings.max_quantized_models)
+    for path in quantized_files:
+        quantized.add_saved(path)
+    lab = Lab(loaded, quantized, settings.output_dir)
+    lab.warm_up()
+    return lab

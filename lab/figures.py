@@ -5,6 +5,7 @@ Pure functions from arrays to `plotly.graph_objects.Figure`, so they are testabl
 """
 from __future__ import annotations
 
+import librosa
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -13,30 +14,33 @@ from lab.audio import log_mel_db
 from lab.generation import LOG_ABS_EDGES, LayerTrace
 
 FLOOR_DB = -100.0  # log-mel floor, so digital silence does not stretch the colour scale
+DIFFERENCE_DB = 20.0  # the difference plot's fixed colour range (±): comparable from one comparison to the next
+N_MELS = 64
 
 
 def spectrogram_figure(full_precision: np.ndarray, quantized: np.ndarray, sample_rate: int) -> go.Figure:
     """Log-mel spectrograms of both clips (shared colour scale) and their difference (quantized - FP)."""
-    fp_db = np.maximum(log_mel_db(full_precision, sample_rate), FLOOR_DB)
-    q_db = np.maximum(log_mel_db(quantized, sample_rate), FLOOR_DB)
+    fp_db = np.maximum(log_mel_db(full_precision, sample_rate, N_MELS), FLOOR_DB)
+    q_db = np.maximum(log_mel_db(quantized, sample_rate, N_MELS), FLOOR_DB)
+    hz = librosa.mel_frequencies(n_mels=N_MELS + 2, fmax=sample_rate / 2)[1:-1]  # band centres
     frames = min(fp_db.shape[1], q_db.shape[1])
     fp_db, q_db = fp_db[:, :frames], q_db[:, :frames]
     seconds = np.arange(frames) * (len(full_precision[0]) / sample_rate) / max(1, frames)
     low, high = min(fp_db.min(), q_db.min()), max(fp_db.max(), q_db.max())
     diff = q_db - fp_db
-    span = max(1.0, float(np.abs(diff).max()))
     fig = make_subplots(rows=1, cols=3, shared_yaxes=True, horizontal_spacing=0.09,
                         subplot_titles=("Full precision", "Quantized", "Difference (quantized − FP)"))
     for col, (z, kwargs) in enumerate((
             (fp_db, dict(colorscale="Magma", zmin=low, zmax=high, showscale=False)),
             (q_db, dict(colorscale="Magma", zmin=low, zmax=high,
                         colorbar=dict(title="dB", x=0.645, thickness=12))),
-            (diff, dict(colorscale="RdBu_r", zmid=0, zmin=-span, zmax=span,
+            (diff, dict(colorscale="RdBu_r", zmid=0, zmin=-DIFFERENCE_DB, zmax=DIFFERENCE_DB,
                         colorbar=dict(title="ΔdB", thickness=12)))),
             start=1):
-        fig.add_trace(go.Heatmap(z=z, x=seconds, **kwargs), row=1, col=col)
+        fig.add_trace(go.Heatmap(z=z, x=seconds, y=hz, **kwargs), row=1, col=col)
         fig.update_xaxes(title_text="time (s)", row=1, col=col)
-    fig.update_yaxes(title_text="mel band", row=1, col=1)
+        fig.update_yaxes(type="log", row=1, col=col)
+    fig.update_yaxes(title_text="frequency (Hz, mel bands)", row=1, col=1)
     fig.update_layout(height=320, margin=dict(l=50, r=20, t=40, b=40))
     return fig
 
@@ -44,14 +48,17 @@ def spectrogram_figure(full_precision: np.ndarray, quantized: np.ndarray, sample
 def step_metrics_figure(snr_db: np.ndarray, logmel_steps: np.ndarray, logmel_db: np.ndarray) -> go.Figure:
     """Per denoising step: SNR of the quantized denoised estimate vs FP, and the log-mel distance."""
     fig = make_subplots(specs=[[{"secondary_y": True}]])
-    fig.add_trace(go.Scatter(x=np.arange(1, len(snr_db) + 1), y=snr_db, name="SNR (dB, higher = closer)",
-                             mode="lines+markers"), secondary_y=False)
+    fig.add_trace(go.Scatter(x=np.arange(1, len(snr_db) + 1), y=snr_db, mode="lines+markers",
+                             name="SNR of the denoised estimate, model space (dB, higher = closer)"),
+                  secondary_y=False)
     fig.add_trace(go.Scatter(x=np.asarray(logmel_steps) + 1, y=logmel_db, mode="lines+markers",
-                             name="log-mel distance (dB, lower = closer)"), secondary_y=True)
+                             name="log-mel distance of the decoded estimates (dB, lower = closer)"),
+                  secondary_y=True)
     fig.update_xaxes(title_text="denoising step")
     fig.update_yaxes(title_text="SNR (dB)", secondary_y=False)
     fig.update_yaxes(title_text="log-mel distance (dB)", secondary_y=True)
-    fig.update_layout(height=300, margin=dict(l=50, r=50, t=30, b=40), legend=dict(orientation="h", y=1.15))
+    fig.update_layout(height=340, margin=dict(l=50, r=50, t=70, b=40),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
     return fig
 
 

@@ -9,18 +9,18 @@ forward pre-hooks record the input activations of one chosen DiT layer at every 
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
 import quant
+from lab import sat
 from lab.audio import log_mel_distance
-from lab.models import LoadedModel, SamplingDefaults
+from lab.sat import LoadedModel, SamplerSettings
 
 # Samplers offered by stable-audio-tools' own UI that take a fixed number of steps. v-ddim steps uniformly
 # in t (it clamps sigma_max to 1); the k-diffusion ones step log-uniformly in sigma from sigma_max to sigma_min.
@@ -67,7 +67,7 @@ class GenerationRequest:
 
     @classmethod
     def from_ui(cls, *, prompt, negative_prompt, seconds, steps, cfg_scale, sampler, seed,
-                defaults: SamplingDefaults) -> "GenerationRequest":
+                defaults: SamplerSettings) -> GenerationRequest:
         """Coerce raw widget/API values (strings, floats, None) with messages a user can act on; the noise
         schedule comes from the model's sampling defaults."""
         return cls(prompt=str(prompt or ""), negative_prompt=str(negative_prompt or ""),
@@ -113,11 +113,11 @@ class LayerTrace:
 
     def record(self, t: float, x: torch.Tensor) -> None:
         x = x.detach().float().abs().reshape(-1, x.shape[-1])  # (tokens, in_features)
-        logs = torch.log10(x.clamp_min(10.0 ** LOG_ABS_EDGES[0])).numpy().ravel()
+        logs = torch.log10(x.clamp_min(10.0 ** LOG_ABS_EDGES[0])).cpu().numpy().ravel()
         counts, _ = np.histogram(np.clip(logs, LOG_ABS_EDGES[0], LOG_ABS_EDGES[-1]), bins=LOG_ABS_EDGES)
         self.timesteps.append(float(t))
         self.log_abs_hist.append(counts / max(1, logs.size))
-        self.channel_max.append(x.amax(dim=0).numpy())
+        self.channel_max.append(x.amax(dim=0).cpu().numpy())
 
 
 @dataclass
@@ -146,30 +146,20 @@ def linear_layer_names(model: torch.nn.Module) -> list[str]:
             if isinstance(module, (torch.nn.Linear, quant.QuantLinear))]
 
 
-def sample_length(loaded: LoadedModel, seconds: float) -> int:
-    """Audio samples to generate for `seconds`, rounded up to what the DiT's patching/pretransform accept."""
-    step = int(loaded.model.min_input_length)
-    return min(loaded.sample_size, math.ceil(seconds * loaded.sample_rate / step) * step)
-
-
 def generate_clip(model: torch.nn.Module, loaded: LoadedModel, request: GenerationRequest, *,
                   trace_layer: str | None = None, quantized: bool = False) -> Clip:
     """One clip through SAT's sampler, recording each step's denoised estimate and, optionally, one layer."""
-    from stable_audio_tools.inference.generation import generate_diffusion_cond
-
-    def condition(prompt: str) -> list[dict]:
-        return [{"prompt": prompt, "seconds_start": 0, "seconds_total": request.seconds}]
-
     denoised: list[torch.Tensor] = []
     trace = LayerTrace(trace_layer) if trace_layer else None
-    with _recording(model, trace, quantized), contextlib.redirect_stdout(io.StringIO()):  # SAT prints the seed
+    settings = loaded.sampling.replace(steps=request.steps, cfg_scale=request.cfg_scale,
+                                       sampler_type=request.sampler, sigma_min=request.sigma_min,
+                                       sigma_max=request.sigma_max)
+    with _recording(model, trace, quantized):
         start = time.perf_counter()
-        audio = generate_diffusion_cond(
-            model, steps=request.steps, cfg_scale=request.cfg_scale, conditioning=condition(request.prompt),
-            negative_conditioning=condition(request.negative_prompt) if request.negative_prompt.strip() else None,
-            sample_size=sample_length(loaded, request.seconds), seed=request.seed, device=model_device(model),
-            sampler_type=request.sampler, sigma_min=request.sigma_min, sigma_max=request.sigma_max,
-            callback=lambda info: denoised.append(info["denoised"].detach().float().cpu()))
+        audio = sat.sample(model, [request.prompt], settings=settings, seconds=request.seconds,
+                           negative_prompt=request.negative_prompt, seed=request.seed,
+                           sample_size=loaded.sample_length(request.seconds),
+                           callback=lambda info: denoised.append(info["denoised"].detach().float().cpu()))
         seconds_taken = time.perf_counter() - start
     samples = round(request.seconds * loaded.sample_rate)
     return Clip(audio=audio[0, :, :samples].float().cpu().numpy(), seconds_taken=seconds_taken,
@@ -193,8 +183,9 @@ def generate_pair(loaded: LoadedModel, quantized_model: torch.nn.Module, request
             clips[name] = generate_clip(model, loaded, request, trace_layer=trace_layer, quantized=is_quantized)
     fp, q = clips["full precision"], clips["quantized"]
     steps = _evenly_spaced(len(fp.denoised), max_decoded_steps)
-    to_audio = decoder(loaded.model)
-    logmel = [log_mel_distance(to_audio(fp.denoised[i]), to_audio(q.denoised[i]), loaded.sample_rate)
+    to_audio = sat.decoder(loaded.model)
+    logmel = [log_mel_distance(to_audio(fp.denoised[i])[0].numpy(), to_audio(q.denoised[i])[0].numpy(),
+                               loaded.sample_rate)
               for i in steps]
     return PairResult(request=request, sample_rate=loaded.sample_rate, full_precision=fp, quantized=q,
                       step_snr_db=np.array([snr_db(a, b) for a, b in zip(fp.denoised, q.denoised)]),
@@ -214,23 +205,6 @@ def _evenly_spaced(count: int, at_most: int) -> np.ndarray:
     if count <= at_most:
         return np.arange(count)
     return np.unique(np.linspace(0, count - 1, at_most).round().astype(int))
-
-
-def decoder(model: torch.nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
-    """Model space -> (channels, samples) audio: the pretransform's decoder for latent models, else identity."""
-    pretransform = getattr(model, "pretransform", None)
-
-    def to_audio(x: torch.Tensor) -> np.ndarray:
-        if pretransform is not None:
-            with torch.no_grad():
-                x = pretransform.decode(x.to(next(pretransform.parameters()))).float().cpu()  # its device, dtype
-        return x[0].numpy()
-
-    return to_audio
-
-
-def model_device(model: torch.nn.Module) -> str:
-    return str(next(model.parameters()).device)
 
 
 @contextlib.contextmanager

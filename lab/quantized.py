@@ -8,10 +8,8 @@ not a recalibration. At most `max_models` quantized models stay in memory (least
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import io
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -19,25 +17,24 @@ from pathlib import Path
 import torch
 
 import quant
-from lab.generation import model_device, sample_length
-from lab.models import LoadedModel
+from lab import sat
+from lab.sat import LoadedModel
 
 PRECISIONS = ("W8A8", "W4A8", "W8A16", "W4A16")
-METHODS = ("static", "dynamic", "smoothquant", "sqd")
-WEIGHT_ONLY = ("W8A16", "W4A16")
+WEIGHT_ONLY = ("W8A16", "W4A16")  # no activation method applies
+METHODS = quant.ACTIVATION_METHODS
 
 
 def recipe_name(precision: str, method: str, lora: bool = False) -> str:
     """UI choices -> preset name: ("W8A8", "sqd", True) -> "w8a8-sqd+lora"; weight-only ignores the method."""
     if precision not in PRECISIONS:
         raise ValueError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    w_bits, a_bits = (int(bits) for bits in precision[1:].split("A"))
     if precision in WEIGHT_ONLY:
-        name = precision.lower()
-    else:
-        if method not in METHODS:
-            raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-        name = f"{precision.lower()}-{method}"
-    return name + ("+lora" if lora else "")
+        method = "weight-only"
+    elif method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    return quant.preset_name(w_bits, a_bits, method, lora)
 
 
 def describe(recipe: quant.Recipe) -> tuple[str, str]:
@@ -58,8 +55,7 @@ class QuantizedModels:
         self.cache_dir = Path(cache_dir) / loaded.fingerprint
         self.calibration_prompts = list(calibration_prompts)
         self.calibration_steps = calibration_steps
-        self.calibration_seconds = (calibration_seconds or loaded.sampling.seconds
-                                    or loaded.sample_size / loaded.sample_rate)
+        self.calibration_seconds = calibration_seconds or loaded.seconds
         self.max_models = max_models
         self._models: OrderedDict[str, tuple[torch.nn.Module, quant.Recipe]] = OrderedDict()
         self._stats: quant.CalibrationStats | None = None
@@ -93,7 +89,8 @@ class QuantizedModels:
                 if path.exists():
                     self._stats = quant.CalibrationStats.load(path)
                 else:
-                    self._stats = quant.calibrate(self.loaded.model, self._calibration_loop, progress=True)
+                    self._stats = calibrate(self.loaded, self.calibration_prompts, steps=self.calibration_steps,
+                                            seconds=self.calibration_seconds)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     self._stats.save(path)
             return self._stats
@@ -104,11 +101,11 @@ class QuantizedModels:
 
     def _load_or_build(self, recipe: quant.Recipe) -> torch.nn.Module:
         path = self.cache_dir / f"{recipe.name}-{recipe.hash()}-{self._calibration_key()}.safetensors"
-        model = self.loaded.fresh_copy()
+        stats = None if path.exists() or not recipe.needs_calibration else self.calibration_stats()
+        model = self.loaded.fresh_copy()  # after calibration: no idle copy of the model while it runs
         if path.exists():
             quant.load(model, path)
             return model.eval()
-        stats = self.calibration_stats() if recipe.needs_calibration else None
         quant.quantize_(model, recipe, stats)
         path.parent.mkdir(parents=True, exist_ok=True)
         quant.save(model, recipe, path)
@@ -124,42 +121,32 @@ class QuantizedModels:
         """Id of everything cached files depend on besides the model and recipe, the quant code included:
         a fix in quant/ must not be hidden by a stale cache."""
         spec = repr((self.calibration_prompts, self.calibration_steps, self.calibration_seconds,
-                     self.loaded.sampling, _quant_source_hash()))
+                     self.loaded.sampling, quant_source_hash()))
         return hashlib.sha256(spec.encode()).hexdigest()[:10]
 
-    def _calibration_loop(self) -> None:
-        """Drive the FP model through SAT's sampler over every calibration prompt (batches of 4), with the
-        model's own sampler settings, so the statistics cover the timesteps generation visits."""
-        from stable_audio_tools.inference.generation import generate_diffusion_cond
-
-        sampling = self.loaded.sampling
-        prompts = self.calibration_prompts
-        for start in range(0, len(prompts), 4):
-            batch = prompts[start:start + 4]
-            conditioning = [{"prompt": p, "seconds_start": 0, "seconds_total": self.calibration_seconds}
-                            for p in batch]
-            with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-                generate_diffusion_cond(
-                    self.loaded.model, steps=self.calibration_steps, cfg_scale=sampling.cfg_scale,
-                    conditioning=conditioning, batch_size=len(batch), seed=start,
-                    sample_size=sample_length(self.loaded, self.calibration_seconds),
-                    device=model_device(self.loaded.model),
-                    sampler_type=sampling.sampler_type, sigma_min=sampling.sigma_min, sigma_max=sampling.sigma_max,
-                    return_latents=True)
-
-
 @functools.cache
-def _quant_source_hash() -> str:
+def quant_source_hash() -> str:
+    """Id of the quant library's code: a fix in quant/ changes quantized outputs without changing a recipe hash,
+    so whatever is cached or built from them keys on this too."""
     digest = hashlib.sha256()
     for path in sorted(Path(quant.__file__).parent.glob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:10]
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per line; blank lines and lines starting with # are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"Calibration prompt file not found: {path}")
-    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
+def calibrate(loaded: LoadedModel, prompts: list[str], *, steps: int | None = None, seconds: float | None = None,
+              cfg_scale: float | None = None, batch: int = 4, progress: bool = True) -> quant.CalibrationStats:
+    """Activation statistics of the FP model, from SAT's sampler run over `prompts` (batches of `batch`) with
+    the model's own sampler settings (steps, seconds and CFG overridable), so they cover the timesteps real
+    generation visits. The app, the quantize CLI and the benchmark all calibrate through here."""
+    if not prompts:
+        raise ValueError("Calibration needs at least one prompt.")
+    settings = loaded.sampling.replace(steps=steps, cfg_scale=cfg_scale)
+    seconds = seconds or loaded.seconds
+
+    def run() -> None:
+        for start in range(0, len(prompts), batch):
+            sat.sample(loaded.model, prompts[start:start + batch], settings=settings, seed=start, seconds=seconds,
+                       sample_size=loaded.sample_length(seconds), return_latents=True)
+
+    return quant.calibrate(loaded.model, run, progress=progress)

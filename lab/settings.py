@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from lab.resources import CALIBRATION_PROMPTS, ROOT
 
 
 def _env_int(name: str, default: int) -> int:
@@ -23,34 +23,38 @@ def _env_int(name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class Settings:
-    model: str | None  # LAB_MODEL: Hub repo id; unset = embedded demo model
-    model_config: str | None  # LAB_MODEL_CONFIG + LAB_CKPT_PATH: local model files
-    ckpt_path: str | None
-    ratings_csv: Path  # LAB_RATINGS_CSV
-    ratings_dataset: str | None  # LAB_RATINGS_DATASET: HF dataset repo that receives the CSV (optional)
-    ratings_push_minutes: int  # LAB_RATINGS_PUSH_MINUTES: how often CommitScheduler pushes
-    cache_dir: Path  # LAB_CACHE_DIR: calibration statistics and quantized models
-    output_dir: Path  # LAB_OUTPUT_DIR: generated WAV files handed to the browser
-    calibration_prompts: Path  # LAB_CALIBRATION_PROMPTS: one prompt per line
-    calibration_steps: int  # LAB_CALIBRATION_STEPS: sampler steps per calibration prompt
-    max_quantized_models: int  # LAB_MAX_QUANTIZED_MODELS: LRU bound on quantized models kept in memory
-    concurrency_limit: int  # LAB_CONCURRENCY: simultaneous generations (CPU-bound: keep 1)
+    model: str | None = None  # LAB_MODEL: Hub repo id; unset = embedded demo model
+    model_config: str | None = None  # LAB_MODEL_CONFIG + LAB_CKPT_PATH: local model files
+    ckpt_path: str | None = None
+    quantized_files: tuple[str, ...] = ()  # LAB_QUANTIZED: quant.save files to serve, separated by ":"
+    studies_dir: Path = ROOT / "runs" / "studies"  # LAB_STUDIES_DIR: built studies and their ratings
+    ratings_dataset: str | None = None  # LAB_RATINGS_DATASET: HF dataset repo that receives the ratings
+    ratings_push_minutes: int = 5  # LAB_RATINGS_PUSH_MINUTES: how often CommitScheduler pushes
+    admin_password: str | None = None  # LAB_ADMIN_PASSWORD: the experimenter console's; unset = random
+    cache_dir: Path = ROOT / "runs" / "cache"  # LAB_CACHE_DIR: calibration statistics and quantized models
+    output_dir: Path = ROOT / "outputs"  # LAB_OUTPUT_DIR: the Compare tab's WAV files
+    calibration_prompts: Path = CALIBRATION_PROMPTS  # LAB_CALIBRATION_PROMPTS: one prompt per line
+    calibration_steps: int = 25  # LAB_CALIBRATION_STEPS: sampler steps per calibration prompt
+    max_quantized_models: int = 3  # LAB_MAX_QUANTIZED_MODELS: LRU bound on quantized models kept in memory
+    concurrency_limit: int = 1  # LAB_CONCURRENCY: simultaneous generations (CPU-bound: keep 1)
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         env = os.environ.get
+        defaults = cls()
         return cls(
             model=env("LAB_MODEL") or None,
             model_config=env("LAB_MODEL_CONFIG") or None,
             ckpt_path=env("LAB_CKPT_PATH") or None,
-            ratings_csv=Path(env("LAB_RATINGS_CSV") or REPO_ROOT / "ratings" / "ratings.csv"),
+            quantized_files=tuple(path for path in (env("LAB_QUANTIZED") or "").split(":") if path),
+            studies_dir=Path(env("LAB_STUDIES_DIR") or defaults.studies_dir),
             ratings_dataset=env("LAB_RATINGS_DATASET") or None,
-            ratings_push_minutes=_env_int("LAB_RATINGS_PUSH_MINUTES", 5),
-            cache_dir=Path(env("LAB_CACHE_DIR") or REPO_ROOT / "runs" / "cache"),
-            output_dir=Path(env("LAB_OUTPUT_DIR") or REPO_ROOT / "outputs"),
-            calibration_prompts=Path(env("LAB_CALIBRATION_PROMPTS")
-                                     or REPO_ROOT / "assets" / "calibration_prompts.txt"),
-            calibration_steps=_env_int("LAB_CALIBRATION_STEPS", 25),
-            max_quantized_models=_env_int("LAB_MAX_QUANTIZED_MODELS", 3),
-            concurrency_limit=_env_int("LAB_CONCURRENCY", 1),
+            ratings_push_minutes=_env_int("LAB_RATINGS_PUSH_MINUTES", defaults.ratings_push_minutes),
+            admin_password=env("LAB_ADMIN_PASSWORD") or None,
+            cache_dir=Path(env("LAB_CACHE_DIR") or defaults.cache_dir),
+            output_dir=Path(env("LAB_OUTPUT_DIR") or defaults.output_dir),
+            calibration_prompts=Path(env("LAB_CALIBRATION_PROMPTS") or defaults.calibration_prompts),
+            calibration_steps=_env_int("LAB_CALIBRATION_STEPS", defaults.calibration_steps),
+            max_quantized_models=_env_int("LAB_MAX_QUANTIZED_MODELS", defaults.max_quantized_models),
+            concurrency_limit=_env_int("LAB_CONCURRENCY", defaults.concurrency_limit),
         )

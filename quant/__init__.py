@@ -5,7 +5,7 @@
     print(quant.memory_report(model))
     quant.save(model, "w8a8-sqd", "dit_w8a8_sqd.safetensors")
 
-Imports only torch, safetensors and tqdm (stable_audio_tools only inside the CLI's functions).
+Imports only torch, safetensors and tqdm: the stable-audio-tools side (loading, sampling, the CLI) is `lab`.
 """
 from .api import load, quantization_targets, quantize_, quantized_layers, read_recipe, save
 from .linear import QuantLinear
@@ -13,11 +13,11 @@ from .lowrank import LowRankBranch
 from .memory import MemoryReport, memory_report
 from .model import find_dit, linear_layers
 from .observers import CalibrationStats, calibrate
-from .recipes import DEFAULT_SKIP, PRESETS, Recipe, get_recipe
+from .recipes import ACTIVATION_METHODS, DEFAULT_SKIP, PRESETS, Recipe, get_recipe, preset_name
 from .timestep import TimestepTracker
 
 __all__ = [
-    "CalibrationStats", "DEFAULT_SKIP", "LowRankBranch", "MemoryReport", "PRESETS", "QuantLinear", "Recipe",
+    "ACTIVATION_METHODS", "CalibrationStats", "DEFAULT_SKIP", "LowRankBranch", "MemoryReport", "PRESETS", "QuantLinear", "Recipe",
     "TimestepTracker", "calibrate", "find_dit", "get_recipe", "linear_layers", "load", "memory_report",
-    "quantization_targets", "quantize_", "quantized_layers", "read_recipe", "save",
+    "quantization_targets", "quantize_", "preset_name", "quantized_layers", "read_recipe", "save",
 ]

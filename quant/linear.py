@@ -26,8 +26,16 @@ from torch import nn
 
 from .kernels import quantize_per_tensor, quantize_per_token, scaled_int_matmul
 from .lowrank import LowRankBranch, fit_low_rank, random_low_rank
-from .primitives import (dequantize_weight, fake_quant, fake_quant_weight, pack_int4, per_token_scale,
-                         quantize_weight, scale_from_absmax, unpack_int4)
+from .primitives import (
+    dequantize_weight,
+    fake_quant,
+    fake_quant_weight,
+    pack_int4,
+    per_token_scale,
+    quantize_weight,
+    scale_from_absmax,
+    unpack_int4,
+)
 from .recipes import Recipe
 from .smooth import smoothing_factors
 from .timestep import TimestepTracker, group_index

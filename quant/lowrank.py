@@ -30,13 +30,15 @@ class LowRankBranch(nn.Module):
 
 
 EXACT_SVD_MAX_DIM = 1024  # larger residuals use a randomized SVD (SAO's 1536-wide layers: ~20x faster)
+SVD_SEED = 0  # the randomized SVD's sketch: fixed, so the same weights always give the same branch
 
 
 def truncated_svd(residual: torch.Tensor, rank: int):
     """Best rank-r factors of residual (out, in): A (in, r), B (r, out) with (A @ B).t() ~= residual.
 
     Exact (LAPACK) when min(out, in) <= EXACT_SVD_MAX_DIM, so the error falls strictly with rank; above,
-    `torch.svd_lowrank` with 4 power iterations (an exact SVD of one SAO ff layer takes ~20 s on 2 cores).
+    `torch.svd_lowrank` with 4 power iterations and a fixed seed (an exact SVD of one SAO ff layer takes ~20 s
+    on 2 cores).
     When r exceeds min(out, in) the extra columns/rows are zero (the branch keeps its declared shape).
     """
     residual = residual.float()
@@ -44,7 +46,11 @@ def truncated_svd(residual: torch.Tensor, rank: int):
         u, s, vh = torch.linalg.svd(residual, full_matrices=False)  # u (out, k), vh (k, in)
     else:
         q = min(rank + 16, min(residual.shape))
-        u, s, v = torch.svd_lowrank(residual, q=q, niter=4)
+        # svd_lowrank draws its sketch from the global RNG: seed a private copy of it, so the branch is
+        # reproducible (caches and files assume the same inputs give the same model) and callers' RNG is untouched
+        with torch.random.fork_rng(devices=[residual.device] if residual.is_cuda else []):
+            torch.manual_seed(SVD_SEED)
+            u, s, v = torch.svd_lowrank(residual, q=q, niter=4)
         vh = v.t()
     kept = min(rank, s.shape[0])
     root = s[:kept].sqrt()

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .timestep import TimestepTracker, group_index
 from .model import find_dit, linear_layers
+from .timestep import TimestepTracker, group_index
 
 _FORMAT = "audio-dit-ptq/calibration-1"
 
@@ -56,6 +56,14 @@ class CalibrationStats:
         for g in range(out.shape[0]):
             out[g] = per_t[groups == g].amax(dim=0)
         return out
+
+    @classmethod
+    def placeholder(cls, model: nn.Module, n_timesteps: int = 1) -> "CalibrationStats":
+        """Statistics of the right shapes (all ones) for every linear of the DiT: enough to quantize a model whose
+        bytes, not values, matter (memory reports of meta-device models)."""
+        timesteps = [(i + 0.5) / n_timesteps for i in range(n_timesteps)]
+        return cls(timesteps, {name: torch.ones(n_timesteps, layer.in_features)
+                               for name, layer in linear_layers(find_dit(model)).items()})
 
     # ---- persistence --------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ import json
 from dataclasses import dataclass
 
 BITS = (4, 8, 16)
-METHODS = ("static", "dynamic", "smoothquant", "sqd", "weight-only")
+ACTIVATION_METHODS = ("static", "dynamic", "smoothquant", "sqd")  # the methods that quantize activations
+METHODS = ACTIVATION_METHODS + ("weight-only",)
 BACKENDS = ("simulated", "integer")
 LORA_DTYPES = ("float32", "float16", "bfloat16")
 LORA_INITS = ("svd", "random")
@@ -157,6 +158,12 @@ def _check_choice(field_name: str, value, choices) -> None:
         raise ValueError(f"Recipe.{field_name} must be one of {choices}, got {value!r}")
 
 
+def preset_name(w_bits: int, a_bits: int, method: str, lora: bool = False) -> str:
+    """The preset naming scheme: (4, 8, "sqd", True) -> "w4a8-sqd+lora"; weight-only -> "w8a16"."""
+    name = f"w{w_bits}a{a_bits}" if method == "weight-only" else f"w{w_bits}a{a_bits}-{method}"
+    return name + ("+lora" if lora else "")
+
+
 SQD_TIMESTEP_GROUPS = 4  # paper: smoothing adapts to the denoising timestep; 4 groups = 4 weight copies
 LORA_RANK = 32
 
@@ -164,14 +171,13 @@ LORA_RANK = 32
 def _build_presets() -> dict[str, Recipe]:
     presets = {}
     for w_bits in (8, 4):
-        for method in ("static", "dynamic", "smoothquant", "sqd"):
+        for method in ACTIVATION_METHODS + ("weight-only",):
+            a_bits = 16 if method == "weight-only" else 8
             groups = SQD_TIMESTEP_GROUPS if method == "sqd" else 1
-            base = f"w{w_bits}a8-{method}"
-            presets[base] = Recipe(base, w_bits, 8, method, timestep_groups=groups)
-        base = f"w{w_bits}a16"
-        presets[base] = Recipe(base, w_bits, 16, "weight-only")
-    for name in list(presets):
-        presets[name + "+lora"] = presets[name].replace(name=name + "+lora", lora_rank=LORA_RANK)
+            for lora in (False, True):
+                name = preset_name(w_bits, a_bits, method, lora)
+                presets[name] = Recipe(name, w_bits, a_bits, method, timestep_groups=groups,
+                                       lora_rank=LORA_RANK if lora else 0)
     return dict(sorted(presets.items()))
 
 

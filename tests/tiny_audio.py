@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lab import models
+from lab import sat as models
 
 WORDS = ["sine", "square", "tone", "at", "a4", "c4", "white", "pink", "noise", "kick", "drum", "bpm", "120"]
 
@@ -43,7 +43,8 @@ TINY_AUDIO_CONFIG = {
 
 def save_word_tokenizer(folder: Path) -> None:
     """A word-level tokenizer that `AutoTokenizer.from_pretrained(folder)` loads without network."""
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"[PAD]": 0, "[UNK]": 1, **{word: i + 2 for i, word in enumerate(WORDS)}}
@@ -67,8 +68,3 @@ def write_tiny_audio_model(folder: Path, seed: int = 0) -> tuple[Path, Path]:
                 module.reset_parameters()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt_path)
     return config_path, ckpt_path
-
-
-def load_tiny_audio_model(folder: Path) -> models.LoadedModel:
-    config_path, ckpt_path = write_tiny_audio_model(folder)
-    return models.load_model(model_config=config_path, ckpt_path=ckpt_path)

@@ -1,0 +1,98 @@
+"""Memory and speed at Stable Audio Open's DiT shape, where the evaluated model is too small to tell.
+
+Memory: the DiT is built on the meta device (no storage) and quantized there, so `quant.memory_report` gives
+the bytes exactly, in a second. Speed: one DiT forward with random weights (`cfg.latent_tokens` latent tokens +
+`cfg.cond_tokens` conditioning tokens, CFG batch 2), integer and simulated backends, median of `cfg.reps`.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+
+import torch
+from torch import nn
+
+import quant
+from bench.config import FLOAT_ROWS, SAO_CFG_SCALE, BenchConfig, as_recipe, with_progress
+from bench.machine import median_seconds
+from lab import sat
+
+
+def memory_columns(report: quant.MemoryReport) -> dict:
+    """A memory report as the results' memory columns."""
+    return {"linear_bytes": report.linear_bytes, "linear_ratio_fp32": report.ratio_fp32,
+            "dit_bytes": report.model_bytes, "dit_ratio_fp32": report.model_bytes / report.model_fp32_bytes}
+
+
+def memory_at_shape(shape: dict, rows, *, progress: bool = True) -> dict[str, dict]:
+    """Bytes held by the DiT of `shape` for each row, from quant.memory_report on meta-device models."""
+    dit = sat.random_dit(shape, device="meta")
+    groups = max([as_recipe(row).timestep_groups for row in rows if row not in FLOAT_ROWS] + [1])
+    stats = quant.CalibrationStats.placeholder(dit, groups)
+    out = {}
+    for row in with_progress(rows, "memory at SAO shape", progress, unit="row"):
+        out[row] = memory_columns(quant.memory_report(variant_of_dit(dit, row, stats)))
+    return out
+
+
+def variant_of_dit(dit: nn.Module, row: str | quant.Recipe, stats: quant.CalibrationStats) -> nn.Module:
+    """fp32 -> the DiT itself; bf16 -> a bf16 copy; a recipe -> a quantized copy (random low-rank factors)."""
+    if row == "fp32":
+        return dit
+    if row == "bf16":
+        return copy.deepcopy(dit).to(torch.bfloat16)
+    recipe = as_recipe(row).replace(lora_init="random")  # shape-only branch: see Recipe.lora_init
+    model = copy.deepcopy(dit)
+    quant.quantize_(model, recipe, stats if recipe.needs_calibration else None)
+    return model
+
+
+def forward_inputs(shape: dict, latent_tokens: int, cond_tokens: int, seed: int = 0):
+    """(x, t, kwargs) for one CFG forward of a DiT of `shape`: the DiT batches cond + uncond (batch 2)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, shape["io_channels"], latent_tokens * shape.get("patch_size", 1), generator=g)
+    kwargs = dict(cross_attn_cond=torch.randn(1, cond_tokens, shape["cond_token_dim"], generator=g),
+                  global_embed=torch.randn(1, shape["global_cond_dim"], generator=g), cfg_scale=SAO_CFG_SCALE)
+    return x, torch.tensor([0.5]), kwargs
+
+
+def speed_at_shape(cfg: BenchConfig):
+    """Yield (row, seconds) per row: {"float_s"} for fp32/bf16, {"integer_s", "simulated_s"} for recipes.
+
+    One random DiT of cfg.dit_shape is built once; each row quantizes a copy of it, is timed, and is freed
+    before the next (an fp32 SAO DiT is 4 GiB)."""
+    dit = sat.random_dit(cfg.dit_shape)
+    x, t, kwargs = forward_inputs(cfg.dit_shape, cfg.latent_tokens, cfg.cond_tokens)
+
+    def seconds(model, reps):
+        return median_seconds(lambda: model(x, t, **kwargs), reps)
+
+    short_x, _, short_kwargs = forward_inputs(cfg.dit_shape, min(32, cfg.latent_tokens), cfg.cond_tokens, seed=1)
+    stats = quant.calibrate(dit, lambda: [dit(short_x, torch.tensor([ti]), **short_kwargs)
+                                          for ti in (0.1, 0.35, 0.6, 0.85)], progress=False)
+    float_runs = {}
+    for row in with_progress(cfg.rows, "speed at SAO shape", cfg.progress, unit="row"):
+        # each variant is built, timed and dropped within one expression: one quantized copy alive at a time
+        if row in FLOAT_ROWS:
+            float_runs[row] = [seconds(variant_of_dit(dit, row, stats), cfg.reps)]
+            timing = {"float_s": float_runs[row][0]}
+        else:
+            timing = {f"{backend}_s": seconds(variant_of_dit(dit, as_recipe(row).replace(backend=backend), stats),
+                                              cfg.reps if backend == "integer" else cfg.simulated_reps)
+                      for backend in timed_backends(row)}
+        gc.collect()
+        yield row, timing
+    # The baselines again at the end: on a shared machine a busy moment can slow one measurement, and the
+    # faster of the two makes every speed-up conservative.
+    for row in FLOAT_ROWS:
+        float_runs[row].append(seconds(variant_of_dit(dit, row, stats), cfg.reps))
+        yield row, {"float_s": min(float_runs[row]), "float_s_start_end": float_runs[row]}
+
+
+def timed_backends(row: str) -> tuple[str, ...]:
+    """Integer for every recipe; simulated too for W8A8 recipes without a branch. The simulated path multiplies
+    a cached dequantized float weight, so its cost does not depend on the weight bits (W4A8 costs what W8A8
+    does) and weight-only simulated is a plain float matmul: timing those again would only cost minutes."""
+    recipe = as_recipe(row)
+    simulated = recipe.quantizes_activations and not recipe.lora_rank and recipe.w_bits == 8
+    return ("integer", "simulated") if simulated else ("integer",)

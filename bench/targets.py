@@ -1,0 +1,76 @@
+"""The performance targets, each measured value against its threshold, and the speed-up ratios they read.
+
+Speed-ups are ratios of seconds measured in the same run (fp32 and bf16 baselines), never absolute times
+from another machine: the targets say how much faster, not how fast.
+"""
+from __future__ import annotations
+
+import math
+
+from bench.config import METHODS
+
+
+def row_seconds(rows: dict, name: str) -> float | None:
+    """Seconds of one DiT forward of row `name`: float rows' float time, recipes' integer-backend time."""
+    speed = rows.get(name, {}).get("speed", {})
+    return speed.get("float_s") or speed.get("integer_s")
+
+
+def add_speedups(rows: dict[str, dict]) -> None:
+    """Speed-ups against fp32 (and bf16) from the same run's seconds."""
+    fp32, bf16 = row_seconds(rows, "fp32"), row_seconds(rows, "bf16")
+    for row in rows.values():
+        speed = row.get("speed")
+        if not speed or not fp32:
+            continue
+        for key in ("float", "integer", "simulated"):
+            if speed.get(f"{key}_s"):
+                speed[f"{key}_x_fp32"] = fp32 / speed[f"{key}_s"]
+        if bf16 and (speed.get("integer_s") or speed.get("float_s")):
+            speed["x_bf16"] = bf16 / (speed.get("integer_s") or speed["float_s"])
+
+
+def check_targets(rows: dict[str, dict]) -> list[dict]:
+    """Every performance target: {"target", "value", "op", "threshold", "result"}, where result is "pass",
+    "miss" or "not measured" (value None: the row or section was not run, or the value is NaN)."""
+    def value(row, section, key):
+        v = rows.get(row, {}).get(section, {}).get(key)
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    targets = []
+
+    def add(name, measured, op, threshold):
+        passed = None if measured is None else (measured >= threshold if op == ">=" else measured <= threshold)
+        targets.append({"target": name, "value": measured, "op": op, "threshold": threshold,
+                        "result": "not measured" if passed is None else "pass" if passed else "miss"})
+
+    static8 = value("w8a8-static", "speed", "integer_s")
+    add("W8A8 static integer DiT forward, speed-up vs fp32", ratio(row_seconds(rows, "fp32"), static8), ">=", 4.0)
+    add("W8A8 static integer DiT forward, speed-up vs bf16", ratio(row_seconds(rows, "bf16"), static8), ">=", 1.5)
+    for bits in (8, 4):
+        for method in ("dynamic", "sqd"):
+            add(f"W{bits}A8 {method} time / W{bits}A8 static time (integer)",
+                ratio(value(f"w{bits}a8-{method}", "speed", "integer_s"), value(f"w{bits}a8-static", "speed", "integer_s")),
+                "<=", 1.15)
+    for method in METHODS:
+        add(f"W4A8 {method} time / W8A8 {method} time (integer)",
+            ratio(value(f"w4a8-{method}", "speed", "integer_s"), value(f"w8a8-{method}", "speed", "integer_s")), "<=", 1.0)
+    for method in METHODS:
+        add(f"memory at SAO shape, W8A8 {method} (linear bytes x fp32)",
+            value(f"w8a8-{method}", "memory_sao", "linear_ratio_fp32"), "<=", 0.26)
+    for method in METHODS:
+        add(f"memory at SAO shape, W4A8 {method}+lora (linear bytes x fp32)",
+            value(f"w4a8-{method}+lora", "memory_sao", "linear_ratio_fp32"), "<=", 0.15)
+    for method in METHODS:
+        for lora in ("", "+lora"):
+            add(f"SNR vs FP, W8A8 {method}{lora} (dB)", value(f"w8a8-{method}{lora}", "fidelity", "snr_db"), ">=", 25.0)
+    sqd, static4 = value("w4a8-sqd+lora", "fidelity", "snr_db"), value("w4a8-static", "fidelity", "snr_db")
+    add("SNR of W4A8 sqd+lora minus W4A8 static (dB)", None if None in (sqd, static4) else sqd - static4, ">=", 6.0)
+    for method in METHODS:
+        for lora in ("", "+lora"):
+            delta = value(f"w8a8-{method}{lora}", "fidelity", "adherence_delta")
+            add(f"|adherence - FP|, W8A8 {method}{lora} (points)", None if delta is None else abs(delta), "<=", 2.0)
+    return targets

@@ -1,0 +1,90 @@
+"""The benchmark's parts that need no full run: SAO-shape memory targets on the meta device, paired sampling
+with the per-step record, the target checks, the command line, MOS and CLAP."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from bench import external, fidelity, run, sampling, shape, targets
+from lab import sat
+from lab.study import COLUMNS
+
+
+def test_sao_shape_memory_targets():
+    memory = shape.memory_at_shape(sat.SAO_DIT, ["fp32", "w8a8-static", "w4a8-dynamic+lora"], progress=False)
+    assert memory["fp32"]["linear_bytes"] > 4.0e9  # 1.056 B parameters in SAO's DiT linears
+    assert memory["w8a8-static"]["linear_ratio_fp32"] <= 0.26
+    assert memory["w4a8-dynamic+lora"]["linear_ratio_fp32"] <= 0.15
+
+
+def test_generate_batch_records_x_per_step_and_pairs_the_noise():
+    loaded = fidelity.quick_model()
+    settings = loaded.sampling.replace(steps=3, seconds=0.5)
+    prompts = ["sine tone at A4", "white noise"]
+    first = sampling.generate_batch(loaded.model, loaded, prompts, seed=5, settings=settings)
+    again = sampling.generate_batch(loaded.model, loaded, prompts, seed=5, settings=settings)
+    assert first.audio.shape == (2, 1, 8000) and first.audio.dtype == np.float32
+    assert len(first.trajectory) == 3 and first.trajectory[0].shape[0] == 2 and first.seconds > 0
+    np.testing.assert_array_equal(first.audio, again.audio)
+    dit = loaded.model.model
+    bf16 = sampling.generate_batch(loaded.model, loaded, prompts, seed=5, settings=settings,
+                                   compute_dtype=torch.bfloat16)
+    assert loaded.model.model is dit  # the autocast wrapper is removed again
+    assert np.isfinite(bf16.audio).all() and not np.array_equal(bf16.audio, first.audio)
+    other_seed = sampling.generate_batch(loaded.model, loaded, prompts, seed=6, settings=settings)
+    assert not np.array_equal(other_seed.audio, first.audio)
+
+
+def _target(checked: list[dict], name: str) -> dict:
+    return next(t for t in checked if t["target"] == name)
+
+
+def test_check_targets_compares_each_value_with_its_threshold():
+    rows = {"fp32": {"speed": {"float_s": 8.0}}, "bf16": {"speed": {"float_s": 2.0}},
+            "w8a8-static": {"speed": {"integer_s": 2.0}, "memory_sao": {"linear_ratio_fp32": 0.3},
+                            "fidelity": {"snr_db": 30.0, "adherence_delta": -2.5}},
+            "w8a8-dynamic": {"speed": {"integer_s": 2.4}, "fidelity": {"snr_db": float("nan")}}}
+    checked = targets.check_targets(rows)
+    assert _target(checked, "W8A8 static integer DiT forward, speed-up vs fp32") == {
+        "target": "W8A8 static integer DiT forward, speed-up vs fp32", "value": 4.0, "op": ">=", "threshold": 4.0,
+        "result": "pass"}
+    assert _target(checked, "W8A8 static integer DiT forward, speed-up vs bf16")["result"] == "miss"  # 1.0 < 1.5
+    assert _target(checked, "W8A8 dynamic time / W8A8 static time (integer)")["result"] == "miss"  # 1.2 > 1.15
+    assert _target(checked, "memory at SAO shape, W8A8 static (linear bytes x fp32)")["result"] == "miss"
+    assert _target(checked, "SNR vs FP, W8A8 static (dB)")["result"] == "pass"
+    assert _target(checked, "SNR vs FP, W8A8 dynamic (dB)")["result"] == "not measured"  # NaN
+    adherence = _target(checked, "|adherence - FP|, W8A8 static (points)")
+    assert adherence["value"] == 2.5 and adherence["result"] == "miss"
+    assert _target(checked, "SNR vs FP, W8A8 sqd (dB)")["result"] == "not measured"  # row absent
+    targets.add_speedups(rows)
+    assert rows["w8a8-static"]["speed"]["integer_x_fp32"] == 4.0 and rows["w8a8-static"]["speed"]["x_bf16"] == 1.0
+
+
+def test_cli_rejects_unknown_recipe_and_missing_ratings(tmp_path):
+    with pytest.raises(SystemExit, match="valid presets"):
+        run.main(["--quick", "--recipes", "w9a9-magic", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no such file"):
+        run.main(["--quick", "--ratings", str(tmp_path / "absent.csv"), "--out", str(tmp_path)])
+
+
+def test_mos_rows_from_a_study_ratings_csv(tmp_path):
+    path = tmp_path / "ratings.csv"
+    scores = {"reference": [5, 4, 5], "w8a8-sqd+lora": [4, 4, 3, 5], "w4a8-static": [2]}
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        for condition, values in scores.items():
+            for index, score in enumerate(values):
+                writer.writerow({"rater_id": f"r{index}", "trial_id": f"{condition}-{index}", "test_type": "acr",
+                                 "item": 0, "condition": condition, "score": score, "attention_target": "",
+                                 "attention_passed": ""})
+    mos = external.mos_rows(path, ["fp32", "bf16", "w8a8-sqd+lora", "w4a8-static", "w4a8-sqd"])
+    assert set(mos) == {"fp32", "w8a8-sqd+lora", "w4a8-static"}
+    assert mos["w8a8-sqd+lora"]["mos"] == pytest.approx(4.0) and mos["w8a8-sqd+lora"]["n"] == 4
+    assert mos["fp32"]["ci_low"] < mos["fp32"]["mos"] < mos["fp32"]["ci_high"]
+
+
+def test_clap_says_why_it_did_not_run(tmp_path):
+    assert "not run" in external.clap_metrics(None, "HTSAT-tiny", [], {}, 16000)["status"]
+    assert "not found" in external.clap_metrics(tmp_path / "clap.pt", "HTSAT-tiny", ["x"], {"fp32": None}, 16000)["status"]

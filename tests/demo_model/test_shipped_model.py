@@ -1,0 +1,102 @@
+"""The shipped demo model loads through stable-audio-tools' own path and generates real audio."""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from demo_model import corpus
+from lab.resources import EMBEDDED_DIR
+from lab.sat import SamplerSettings, load_model, sample
+
+
+def test_shipped_files_are_complete_and_small():
+    names = {p.name for p in EMBEDDED_DIR.iterdir()}
+    assert {"model_config.json", "model.safetensors", "generation.json", "tokenizer"} <= names
+    total = sum(p.stat().st_size for p in EMBEDDED_DIR.rglob("*") if p.is_file())
+    assert total <= 40 * 2**20
+    config = json.loads((EMBEDDED_DIR / "model_config.json").read_text())
+    assert config["model_type"] == "diffusion_cond"
+    assert config["model"]["conditioning"]["configs"][0]["config"]["tokenizer_name"] == "tokenizer"  # relative
+    defaults = json.loads((EMBEDDED_DIR / "generation.json").read_text())
+    assert {"steps", "cfg_scale", "sampler_type", "sigma_min", "sigma_max", "seconds"} <= set(defaults)
+
+
+def test_demo_model_generates_finite_non_silent_audio(demo_model):
+    from stable_audio_tools.models.dit import DiffusionTransformer
+
+    assert demo_model.model_id == "embedded:demo_model"
+    assert (demo_model.sample_rate, demo_model.sample_size) == (corpus.SAMPLE_RATE, corpus.CLIP_SAMPLES)
+    assert isinstance(demo_model.model.model.model, DiffusionTransformer)
+    defaults = json.loads((EMBEDDED_DIR / "generation.json").read_text())
+    assert demo_model.sampling == SamplerSettings(**defaults)
+    audio = sample(demo_model.model, ["sine tone at A4"], settings=demo_model.sampling.replace(steps=8),
+                   sample_size=demo_model.sample_size, seed=0)
+    y = audio[0, 0].numpy()
+    assert audio.shape == (1, 1, corpus.CLIP_SAMPLES) and np.isfinite(y).all()
+    assert 0.01 < y.std() < 10
+
+
+def test_pretransform_round_trip_keeps_pitch_and_tempo(demo_model):
+    """The trained autoencoder is the ceiling of every generated clip: its round trip must pass the evaluator."""
+    from stable_audio_tools.models.pretransforms import AutoencoderPretransform
+
+    from demo_model import adherence
+
+    pretransform = demo_model.model.pretransform
+    assert isinstance(pretransform, AutoencoderPretransform) and pretransform.downsampling_ratio == 256
+    for prompt in ("square tone at A4", "plucked string playing C4", "kick drum at 120 bpm"):
+        x = torch.from_numpy(corpus.synthesize(prompt, seed=5))[None, None]
+        with torch.no_grad():
+            latents = pretransform.encode(x)
+            y = pretransform.decode(latents)[0, 0].numpy()
+        assert latents.shape == (1, pretransform.encoded_channels, corpus.CLIP_SAMPLES // 256)
+        error = x[0, 0].numpy() - y
+        assert 10 * np.log10((x.numpy() ** 2).sum() / (error ** 2).sum()) > 25, prompt  # dB (edges: one frame)
+        assert adherence.evaluate(prompt, y, corpus.SAMPLE_RATE)["ok"], prompt
+
+
+def test_a_copy_of_the_demo_model_quantizes_and_generates(demo_model):
+    """Every quantized variant in the app starts from `fresh_copy()`: the autoencoder must survive deepcopy."""
+    import quant
+
+    model = quant.quantize_(demo_model.fresh_copy(), quant.get_recipe("w8a8-dynamic"))
+    audio = sample(model, ["white noise"], settings=demo_model.sampling.replace(steps=4, cfg_scale=3.0),
+                   sample_size=demo_model.sample_size, seed=0)
+    assert np.isfinite(audio.numpy()).all() and audio.std() > 0.01
+
+
+def test_weights_are_trained_not_random():
+    """The output projections start at zero in SAT; a trained model has moved all of them."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(EMBEDDED_DIR) / "model.safetensors"))
+    zero_init = [k for k in weights if k.endswith(("to_out.weight", "ff.ff.2.weight", "postprocess_conv.weight"))]
+    assert zero_init and all(weights[k].float().abs().max() > 0 for k in zero_init)
+
+
+def test_bench_bf16_row_casts_the_dit_but_not_the_autoencoder():
+    """bf16 keeps 0.5 of resolution at the MDCT autoencoder's +64 ELU offset: only the DiT may run in bf16."""
+    from bench.sampling import generate_batch
+
+    loaded = load_model()
+    model = loaded.model
+    dit = model.model
+    dtypes = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            dtypes.setdefault(name, output.dtype)
+        return hook
+
+    hooks = [next(m for m in dit.modules() if isinstance(m, torch.nn.Linear)).register_forward_hook(record("dit")),
+             model.pretransform.model.decoder.layers[-1].register_forward_hook(record("decoder"))]
+    settings = loaded.sampling.replace(steps=2, seconds=0.512)
+    try:
+        batch = generate_batch(model, loaded, ["white noise"], seed=0, settings=settings,
+                               compute_dtype=torch.bfloat16)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert dtypes == {"dit": torch.bfloat16, "decoder": torch.float32}
+    assert model.model is dit and np.isfinite(batch.audio).all()

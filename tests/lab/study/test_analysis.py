@@ -1,0 +1,177 @@
+"""lab.study.analysis: numbers checked by hand, post-screening that drops careless raters and keeps good ones."""
+import csv
+import math
+import random
+import statistics
+import time
+
+import pytest
+from scipy import stats
+
+from lab.study.analysis import analyse, holm, mean_ci
+from lab.study.assignment import trials_for
+from lab.study.store import COLUMNS, RatingsStore
+from tests.lab.study.fakes import fake_manifest
+
+CONDITIONS = ("hidden-reference", "w8a8-dynamic", "w4a16", "anchor")
+GOOD = {  # rater -> item -> scores in CONDITIONS order (no hidden reference below 90)
+    "r1": {0: (100, 90, 70, 20), 1: (95, 85, 60, 25)},
+    "r2": {0: (100, 80, 75, 30), 1: (100, 92, 55, 15)},
+    "r3": {0: (90, 88, 50, 10), 1: (98, 99, 65, 20)},
+}
+CARELESS = {"c1": {0: (40, 77, 12, 90), 1: (60, 3, 88, 55)}}
+INATTENTIVE = {"a1": {0: (100, 10, 10, 10), 1: (100, 10, 10, 10)}}
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({column: row.get(column, "") for column in COLUMNS})
+    return path
+
+
+def mushra_rows(raters, test_type="mushra"):
+    rows = []
+    for rater, items in raters.items():
+        for item, scores in items.items():
+            for condition, score in zip(CONDITIONS, scores):
+                rows.append(dict(study_id="hand", rater_id=rater, trial_id=f"{rater}-{item}", test_type=test_type,
+                                 item=item, prompt=f"prompt {item}", condition=condition, score=score))
+    return rows
+
+
+def test_mushra_numbers_match_a_hand_computation(tmp_path):
+    attention = [dict(study_id="hand", rater_id=rater, trial_id=f"{rater}-check", test_type="mushra", item=0,
+                      condition=condition, score=score, attention_target=40, attention_answer=score,
+                      attention_passed=str(passed).lower())
+                 for rater, score, passed in (("r1", 40, True), ("a1", 80, False)) for condition in CONDITIONS]
+    rows = mushra_rows({**GOOD, **CARELESS, **INATTENTIVE}) + attention
+    report = analyse(write_csv(tmp_path / "ratings.csv", rows), tmp_path / "out")
+
+    assert report.raters == 5 and report.kept == ("r1", "r2", "r3")
+    reasons = {e.rater_id: e.reasons for e in report.exclusions}
+    assert reasons == {"a1": ("failed 1 of 1 attention checks",),
+                       "c1": ("rated the hidden reference below 90 in 2 of 2 trials (100% > 15%)",)}
+
+    def scores(index):
+        return [GOOD[r][i][index] for r in GOOD for i in (0, 1)]
+
+    for index, condition in enumerate(CONDITIONS):
+        values = scores(index)
+        mean = sum(values) / 6
+        half = stats.t.ppf(0.975, 5) * statistics.stdev(values) / math.sqrt(6)
+        result = report.condition(condition)
+        assert (result.n, result.mean, result.ci_low, result.ci_high) == pytest.approx((6, mean, mean - half, mean + half))
+    assert report.condition("w8a8-dynamic").mean == pytest.approx(534 / 6)
+
+    # Wilcoxon on (rater, item) differences against the hidden reference, Holm over the two quantized conditions
+    w8 = [90 - 100, 85 - 95, 80 - 100, 92 - 100, 88 - 90, 99 - 98]
+    w4 = [70 - 100, 60 - 95, 75 - 100, 55 - 100, 50 - 90, 65 - 98]
+    p8, p4 = stats.wilcoxon(w8).pvalue, stats.wilcoxon(w4).pvalue
+    assert p4 < p8  # w4a16 is always worse than the reference: the smaller p, multiplied by m = 2
+    assert report.condition("w8a8-dynamic").p_value == pytest.approx(p8)
+    assert report.condition("w4a16").p_value == pytest.approx(p4)
+    assert report.condition("w4a16").p_holm == pytest.approx(min(1, 2 * p4))
+    assert report.condition("w8a8-dynamic").p_holm == pytest.approx(min(1, max(2 * p4, p8)))
+    assert report.condition("w8a8-dynamic").pairs == 6
+    assert report.condition("anchor").p_value is None and report.condition("hidden-reference").p_value is None
+    assert [c.condition for c in report.conditions] == ["hidden-reference", "w4a16", "w8a8-dynamic", "anchor"]
+
+    item0 = report.items[0]
+    assert item0.prompt == "prompt 0" and item0.means["w4a16"] == pytest.approx((70 + 75 + 50) / 3)
+    assert item0.counts["w4a16"] == 3
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert markdown == report.markdown and "failed 1 of 1 attention checks" in markdown and "| w8a8-dynamic | 6 |" in markdown
+    assert "plotly" in (tmp_path / "out" / "scores.html").read_text()[:100000].lower()
+
+
+def test_holm_against_its_definition():
+    p = [0.01, 0.04, 0.03, 0.2]
+    # sorted: 0.01*4=0.04, 0.03*3=0.09, 0.04*2=0.08 -> max(0.09, 0.08)=0.09, 0.2*1 -> 0.2
+    assert holm(p) == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0]) and holm([]) == []
+
+
+def test_mean_ci_edge_cases():
+    assert mean_ci([3, 4, 5]) == pytest.approx((4, 4 - stats.t.ppf(0.975, 2) / math.sqrt(3),
+                                                4 + stats.t.ppf(0.975, 2) / math.sqrt(3)))
+    single = mean_ci([2])
+    assert single[0] == 2 and math.isnan(single[1])
+    with pytest.raises(ValueError):
+        mean_ci([])
+
+
+def test_ab_cmos_is_the_mean_of_the_condition_rows(tmp_path):
+    rows = []
+    scores = {"w8a8-dynamic": [0, -1, 1, 0, -1, -1], "w4a16": [-2, -3, -1, -2, -2, -3]}
+    for condition, values in scores.items():
+        for i, score in enumerate(values):
+            rater, item = f"r{i % 3}", i // 3
+            trial = f"{rater}-{item}-{condition}"
+            rows += [dict(study_id="ab", rater_id=rater, trial_id=trial, test_type="ab", item=item, condition=condition,
+                          score=score, label="B"),
+                     dict(study_id="ab", rater_id=rater, trial_id=trial, test_type="ab", item=item, condition="reference",
+                          score=-score, label="A")]
+    report = analyse(write_csv(tmp_path / "ab.csv", rows), tmp_path / "out")
+    assert [c.condition for c in report.conditions] == ["w4a16", "w8a8-dynamic"]  # no "reference" row of its own
+    for condition, values in scores.items():
+        result = report.condition(condition)
+        assert result.mean == pytest.approx(sum(values) / 6) and result.pairs == 6
+        assert result.p_value == pytest.approx(stats.wilcoxon(values).pvalue)
+
+
+def test_acr_pairs_are_per_rater(tmp_path):
+    rows = []
+    table = {"r1": {"reference": [5, 4], "w4a16": [3]}, "r2": {"reference": [4], "w4a16": [2, 3]},
+             "r3": {"reference": [5], "w4a16": [5]}, "r4": {"w4a16": [1]}}
+    for rater, conditions in table.items():
+        for condition, values in conditions.items():
+            for k, score in enumerate(values):
+                rows.append(dict(study_id="acr", rater_id=rater, trial_id=f"{rater}{condition}{k}", test_type="acr",
+                                 item=k, condition=condition, score=score))
+    report = analyse(write_csv(tmp_path / "acr.csv", rows), tmp_path / "out")
+    differences = [3 - 4.5, 2.5 - 4, 5 - 5]  # r4 never rated the reference
+    result = report.condition("w4a16")
+    assert result.pairs == 3 and result.p_value == pytest.approx(stats.wilcoxon(differences).pvalue)
+    assert result.mean == pytest.approx(14 / 5) and report.condition("reference").n == 4
+
+
+def test_empty_or_foreign_files_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="no rater has submitted"):
+        analyse(tmp_path / "none.csv", tmp_path / "out")
+    (tmp_path / "empty.csv").write_text(",".join(COLUMNS) + "\n")
+    with pytest.raises(ValueError, match="no ratings yet"):
+        analyse(tmp_path / "empty.csv", tmp_path / "out")
+    write_csv(tmp_path / "edited.csv", [dict(rater_id="r", trial_id="t", test_type="acr", item=0, score="five")])
+    with pytest.raises(ValueError, match="line 2: score 'five'"):
+        analyse(tmp_path / "edited.csv", tmp_path / "out")
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a study ratings file"):
+        analyse(tmp_path / "other.csv", tmp_path / "out")
+
+
+def test_simulated_careless_rater_is_excluded_and_good_raters_kept(tmp_path):
+    manifest = fake_manifest(tmp_path, study_id="sim", test_type="mushra", seeds=list(range(6)))  # 12 items
+    store = RatingsStore(manifest)
+    rng = random.Random(0)
+    means = {"hidden-reference": 97, "w8a8-dynamic": 85, "w4a16": 60, "anchor": 20}
+    for k in range(9):
+        rater = f"good-{k}" if k < 8 else "careless"
+        for index, trial in enumerate(trials_for(manifest, rater)):
+            if rater == "careless":
+                scores = {s.label: rng.uniform(0, 100) for s in trial.rated}
+            else:
+                scores = {s.label: min(100, max(0, rng.gauss(means[s.condition], 3))) for s in trial.rated}
+                slip = k == 0 and index == 0  # one good rater slips once: 1 of 12 trials (8 %) is tolerated
+                for s in trial.rated:
+                    if s.condition == "hidden-reference":
+                        scores[s.label] = 80 if slip else max(90, scores[s.label])
+            store.submit(trial, rater, scores, {s.label: 1 for s in trial.stimuli}, presented_at=time.time() - 30)
+    report = analyse(store.path, tmp_path / "out")
+    assert [e.rater_id for e in report.exclusions] == ["careless"]
+    assert "hidden reference below 90" in report.exclusions[0].reasons[0]
+    assert report.kept == tuple(f"good-{k}" for k in range(8))
+    assert report.condition("w4a16").n == 96 and report.condition("w4a16").mean == pytest.approx(60, abs=2)
+    assert report.condition("w4a16").p_holm < 0.001 and report.condition("anchor").mean < 30

@@ -1,0 +1,218 @@
+"""lab.study.store: validated, whole, formula-proof rows under concurrency; nothing written for a bad page."""
+import csv
+import dataclasses
+import multiprocessing
+import threading
+import time
+
+import pytest
+
+from lab.study.assignment import trials_for
+from lab.study.store import COLUMNS, RatingsStore
+from tests.lab.study.fakes import fake_manifest
+
+
+def plays_for(trial, count=1):
+    return {s.label: count for s in trial.stimuli}
+
+
+def good_scores(trial):
+    if trial.test_type == "mushra":
+        return {s.label: trial.attention_target or 70 for s in trial.rated}
+    return trial.attention_target if trial.is_attention_check else (4 if trial.test_type == "acr" else 1)
+
+
+def submit(store, trial, rater, **kwargs):
+    kwargs.setdefault("presented_at", time.time() - 12.5)
+    return store.submit(trial, rater, kwargs.pop("scores", good_scores(trial)), kwargs.pop("plays", plays_for(trial)),
+                        **kwargs)
+
+
+def test_acr_rows_and_progress(tmp_path):
+    manifest = fake_manifest(tmp_path, test_type="acr", attention_checks=1)
+    store = RatingsStore(manifest)
+    trials = trials_for(manifest, "alice")
+    assert store.progress("alice").remaining == tuple(trials)
+    result = submit(store, trials[0], "alice", session_id="s-1", scores=trials[0].attention_target or 3)
+    assert result.rows == 1 and result.message is None
+    progress = store.progress("alice")
+    assert progress.done == {trials[0].trial_id} and progress.remaining == tuple(trials[1:]) and progress.total == 7
+    row = store.read()[0]
+    assert list(row) == list(COLUMNS)
+    assert row["rater_id"] == "alice" and row["session_id"] == "s-1" and row["trial_id"] == trials[0].trial_id
+    assert row["condition"] == trials[0].stimuli[0].condition and row["stimulus_id"] == trials[0].stimuli[0].file
+    assert row["test_type"] == "acr" and row["trial_index"] == "0" and row["play_count"] == "1"
+    assert 12 < float(row["time_on_page_s"]) < 14 and row["submitted_at"].endswith("+00:00")
+    for trial in trials[1:]:
+        submit(store, trial, "alice")
+    assert store.progress("alice").complete and len(store.read()) == 7
+    checks = [r for r in store.read() if r["attention_target"]]
+    assert len(checks) == 1 and checks[0]["attention_passed"] == "true"
+
+
+def test_ab_rows_mirror_the_one_answer(tmp_path):
+    manifest = fake_manifest(tmp_path, test_type="ab")
+    store = RatingsStore(manifest)
+    trial = trials_for(manifest, "bob")[0]
+    submit(store, trial, "bob", scores=-2)
+    rows = {r["label"]: r for r in store.read()}
+    assert rows["A"]["score"] == "2" and rows["B"]["score"] == "-2"  # negative numbers stay numbers
+    assert {rows["A"]["condition"], rows["B"]["condition"]} == {s.condition for s in trial.stimuli}
+
+
+def test_mushra_rows_one_per_rated_clip(tmp_path):
+    manifest = fake_manifest(tmp_path, test_type="mushra", attention_checks=1)
+    store = RatingsStore(manifest)
+    trials = trials_for(manifest, "carol")
+    check = next(t for t in trials if t.is_attention_check)
+    submit(store, check, "carol", scores={s.label: check.attention_target + 3 for s in check.rated})
+    regular = next(t for t in trials if not t.is_attention_check)
+    scores = {s.label: 10.0 * i for i, s in enumerate(regular.rated)}
+    scores[regular.rated[0].label] = 33.25
+    submit(store, regular, "carol", scores=scores)
+    rows = store.read()
+    assert len(rows) == 2 * len(regular.rated)  # the open reference is heard, not rated
+    assert all(r["attention_passed"] == "true" for r in rows[:4]) and rows[4]["attention_passed"] == ""
+    assert [float(r["score"]) for r in rows[4:]] == list(scores.values())
+    assert "reference" not in {r["condition"] for r in rows}
+
+
+def test_failed_attention_check_is_recorded(tmp_path):
+    manifest = fake_manifest(tmp_path, test_type="acr", attention_checks=1)
+    store = RatingsStore(manifest)
+    check = next(t for t in trials_for(manifest, "dave") if t.is_attention_check)
+    wrong = 1 if check.attention_target != 1 else 2
+    submit(store, check, "dave", scores=wrong)
+    row = store.read()[0]
+    assert (row["attention_target"], row["attention_answer"], row["attention_passed"]) == (
+        str(check.attention_target), str(wrong), "false")
+
+
+@pytest.mark.parametrize("test_type, change, message", [
+    ("acr", dict(plays={}), "not played yet: A"),
+    ("mushra", dict(plays={"1": 1, "2": 2, "3": 1, "4": 1}), "not played yet: Reference"),
+    ("acr", dict(scores=6), "whole number from 1 to 5"),
+    ("acr", dict(scores=3.5), "whole number from 1 to 5"),
+    ("acr", dict(scores=True), "whole number from 1 to 5"),
+    ("acr", dict(scores={"A": 3}), "Choose one rating"),
+    ("ab", dict(scores=-4), "from -3 to 3"),
+    ("mushra", dict(scores={"1": 50, "2": 50, "3": 50}), "not rated yet: 4"),
+    ("mushra", dict(scores={"1": 50, "2": 50, "3": 50, "4": 101}), "from 0 to 100; check clip 4"),
+    ("mushra", dict(scores={"1": 50, "2": 50, "3": 50, "4": 50, "9": 1}), "not on this page"),
+    ("mushra", dict(scores=50), "slider"),
+    ("acr", dict(presented_at=time.time() + 3600), "presentation time"),
+])
+def test_bad_submissions_write_nothing(tmp_path, test_type, change, message):
+    manifest = fake_manifest(tmp_path, test_type=test_type)
+    store = RatingsStore(manifest)
+    trial = trials_for(manifest, "erin")[0]
+    with pytest.raises(ValueError, match=message):
+        submit(store, trial, "erin", **change)
+    assert not store.path.exists() and store.progress("erin").done == frozenset()
+
+
+def test_foreign_and_repeated_trials_are_refused(tmp_path):
+    manifest = fake_manifest(tmp_path)
+    store = RatingsStore(manifest)
+    mine, theirs = trials_for(manifest, "frank")[0], trials_for(manifest, "grace")[0]
+    with pytest.raises(ValueError, match="not in your list"):
+        submit(store, theirs, "frank")
+    emptied = dataclasses.replace(mine, stimuli=())  # a client cannot shrink the page: the server's copy counts
+    with pytest.raises(ValueError, match="not played yet: A"):
+        store.submit(emptied, "frank", 3, {}, presented_at=time.time())
+    submit(store, mine, "frank")
+    before = store.path.read_bytes()
+    with pytest.raises(ValueError, match="already rated"):
+        submit(store, mine, "frank", scores=1)
+    with pytest.raises(ValueError, match="already rated"):  # a second store (another app process) knows it too
+        submit(RatingsStore(manifest), mine, "frank", scores=2)
+    assert store.path.read_bytes() == before
+
+
+def test_free_text_is_bounded_and_formula_proof(tmp_path):
+    manifest = fake_manifest(tmp_path)
+    store = RatingsStore(manifest)
+    rater = "=HYPERLINK(1)"
+    trial = trials_for(manifest, rater)[0]
+    result = submit(store, trial, rater, session_id="+1-555", comment="@SUM(A1)\nsecond line " + "x" * 900)
+    assert "cut to its first 500 characters" in result.message
+    row = store.read()[0]
+    assert row["rater_id"] == "'=HYPERLINK(1)" and row["session_id"] == "'+1-555"
+    assert row["comment"].startswith("'@SUM(A1) second line") and len(row["comment"]) == 501
+    assert store.progress(rater).done == {trial.trial_id}  # the neutralised id still finds its rows
+    with pytest.raises(ValueError, match="already rated"):
+        submit(store, trial, rater)
+
+
+def _expected_rows(manifest, rater):
+    return sum(len(t.rated) for t in trials_for(manifest, rater))
+
+
+def test_fifty_concurrent_raters_lose_and_tear_nothing(tmp_path):
+    manifest = fake_manifest(tmp_path, test_type="mushra", attention_checks=1)
+    store = RatingsStore(manifest)
+    barrier = threading.Barrier(50)
+    errors = []
+
+    def rate(i):
+        rater = f"rater-{i:02d} " + "y" * 40
+        trials = trials_for(manifest, rater)
+        barrier.wait()
+        try:
+            for trial in trials:
+                submit(store, trial, rater, comment=f"comment of {i} " + "z" * 200)
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=rate, args=(i,)) for i in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    rows = store.read()
+    assert len(rows) == sum(_expected_rows(manifest, f"rater-{i:02d} " + "y" * 40) for i in range(50)) == 50 * 7 * 4
+    for row in rows:  # each row whole: its own rater's comment
+        assert None not in row.values() and row["comment"] == f"comment of {int(row['rater_id'][6:8])} " + "z" * 200
+    assert len({(r["rater_id"], r["trial_id"], r["label"]) for r in rows}) == len(rows)
+
+
+def _rate_in_process(manifest, i):
+    store = RatingsStore(manifest)
+    rater = f"proc-{i:02d}"
+    for trial in trials_for(manifest, rater):
+        submit(store, trial, rater)
+
+
+def _same_trial_in_process(manifest, trial, results):
+    try:
+        submit(RatingsStore(manifest), trial, "shared")
+        results.put("ok")
+    except ValueError:
+        results.put("refused")
+
+
+def test_fifty_processes_share_the_file_safely(tmp_path):
+    manifest = fake_manifest(tmp_path, test_type="ab")
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=_rate_in_process, args=(manifest, i)) for i in range(50)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    assert all(process.exitcode == 0 for process in processes)
+    with open(manifest.study_dir / "ratings.csv", newline="") as handle:
+        lines = list(csv.reader(handle))
+    assert lines.count(list(COLUMNS)) == 1 and len(lines) == 1 + 50 * 6 * 2
+    assert all(len(line) == len(COLUMNS) for line in lines)
+    assert sorted({line[1] for line in lines[1:]}) == [f"proc-{i:02d}" for i in range(50)]
+    # ten processes submitting the same page at once: exactly one is stored
+    trial = trials_for(manifest, "shared")[0]
+    results = context.Queue()
+    racers = [context.Process(target=_same_trial_in_process, args=(manifest, trial, results)) for _ in range(10)]
+    for process in racers:
+        process.start()
+    for process in racers:
+        process.join()
+    assert sorted(results.get() for _ in range(10)) == ["ok"] + ["refused"] * 9
+    assert sum(r["rater_id"] == "shared" for r in RatingsStore(manifest).read()) == 2

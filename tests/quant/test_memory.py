@@ -1,0 +1,46 @@
+"""memory_report at Stable Audio Open's DiT shape (built on the meta device: shapes only, no weights)."""
+import pytest
+
+import quant
+from lab import sat
+
+
+def sao_shaped_dit():
+    """Quantizing on the meta device runs every op for its shapes and dtypes only."""
+    return sat.random_dit(sat.SAO_DIT, device="meta")
+
+
+def constant_stats(dit, n_timesteps=4):
+    """Stand-in calibration statistics: memory does not depend on their values."""
+    return quant.CalibrationStats.placeholder(dit, n_timesteps)
+
+
+@pytest.fixture(scope="module")
+def fp_report():
+    return quant.memory_report(sao_shaped_dit())
+
+
+def test_fp_model_report_matches_sao(fp_report):
+    assert len(fp_report.layers) == 176
+    assert 1.05e9 < fp_report.linear_fp32_bytes / 4 < 1.06e9  # 1.056 B parameters in linears
+    assert fp_report.ratio_fp32 == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("preset, limit", [("w8a8-dynamic", 0.26), ("w8a8-static", 0.26),
+                                           ("w4a8-dynamic+lora", 0.15)])
+def test_sao_shape_memory_targets(preset, limit):
+    dit = sao_shaped_dit()
+    recipe = quant.get_recipe(preset)
+    quant.quantize_(dit, recipe, constant_stats(dit) if recipe.needs_calibration else None)
+    report = quant.memory_report(dit)
+    assert report.ratio_fp32 <= limit, report.to_markdown()
+    assert report.by_kind["scales"] > 0 and (report.by_kind["lowrank"] > 0) == (recipe.lora_rank > 0)
+    assert report.model_bytes < report.model_fp32_bytes * (limit + 0.01)
+    assert "x fp32" in report.to_markdown(per_layer=True)
+
+
+def test_timestep_groups_cost_one_weight_copy_each():
+    dit = sao_shaped_dit()
+    quant.quantize_(dit, quant.get_recipe("w8a8-sqd").replace(timestep_groups=2), constant_stats(dit))
+    report = quant.memory_report(dit)
+    assert 0.5 < report.ratio_fp32 < 0.52
