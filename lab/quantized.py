@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -149,4 +150,8 @@ def calibrate(loaded: LoadedModel, prompts: list[str], *, steps: int | None = No
             sat.sample(loaded.model, prompts[start:start + batch], settings=settings, seed=start, seconds=seconds,
                        sample_size=loaded.sample_length(seconds), return_latents=True)
 
-    return quant.calibrate(loaded.model, run, progress=progress)
+    batches = math.ceil(len(prompts) / batch)
+    total = batches * sat.dit_forwards(settings.sampler_type, settings.steps)
+    return quant.calibrate(loaded.model, run, progress=progress, total=total,
+                           description=f"calibrating: {len(prompts)} prompts x {settings.steps} steps, "
+                                       f"{seconds:g} s of audio")

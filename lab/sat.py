@@ -257,6 +257,15 @@ def _load_weights(model: torch.nn.Module, ckpt_path: Path) -> None:
 
 # ---- sampling -----------------------------------------------------------------------------------------
 
+# Samplers that call the model twice per step (a second-order or ancestral midpoint), except on the last step.
+TWO_CALL_SAMPLERS = ("k-heun", "k-dpm-2", "k-dpmpp-2s-ancestral")
+
+
+def dit_forwards(sampler_type: str, steps: int) -> int:
+    """DiT forwards one sampling run makes (CFG is batched into each): for progress totals and ETAs."""
+    return 2 * steps - 1 if sampler_type in TWO_CALL_SAMPLERS else steps
+
+
 def conditioning(model: torch.nn.Module, prompt: str, seconds: float) -> dict:
     """One conditioning dict for every conditioner of the model: timing numbers get 0 and `seconds`, text
     conditioners (SAO's `prompt`, whatever its id) get the prompt."""

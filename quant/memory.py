@@ -37,9 +37,10 @@ class LayerMemory:
 @dataclass
 class MemoryReport:
     layers: list[LayerMemory]
-    model_bytes: int              # everything the model holds (parameters, buffers, caches)
-    model_fp32_bytes: int         # the same model with every float tensor and original linear in fp32
+    model_bytes: int              # everything the module passed in holds (parameters, buffers, caches)
+    model_fp32_bytes: int         # the same module with every float tensor and original linear in fp32
     recipe: str | None = None
+    parts: dict[str, int] = field(default_factory=dict)  # bytes per top-level child (SAT: DiT, conditioner, autoencoder)
     by_kind: dict[str, int] = field(init=False)
 
     def __post_init__(self):
@@ -75,13 +76,16 @@ class MemoryReport:
             "| | MiB | x fp32 | x fp16 |",
             "|---|---:|---:|---:|",
             f"| linear layers | {self.linear_bytes / mib:.1f} | {self.ratio_fp32:.3f} | {self.ratio_fp16:.3f} |",
-            f"| whole model | {self.model_bytes / mib:.1f} | {self.model_bytes / self.model_fp32_bytes:.3f} | "
-            f"{2 * self.model_bytes / self.model_fp32_bytes:.3f} |",
+            f"| module passed in (all of it) | {self.model_bytes / mib:.1f} | "
+            f"{self.model_bytes / self.model_fp32_bytes:.3f} | {2 * self.model_bytes / self.model_fp32_bytes:.3f} |",
             f"| linears fp32 / fp16 | {self.linear_fp32_bytes / mib:.1f} / {self.linear_fp16_bytes / mib:.1f} | | |",
             "",
             "Linear-layer bytes by kind: " + ", ".join(
                 f"{kind} {value / mib:.1f} MiB" for kind, value in self.by_kind.items() if value),
         ]
+        if len(self.parts) > 1:
+            lines += ["", "Parts of the module: " + ", ".join(f"{name} {value / mib:.1f} MiB"
+                                                             for name, value in self.parts.items())]
         if per_layer:
             lines += ["", "| layer | quantized | bytes | x fp32 |", "|---|---|---:|---:|"]
             lines += [f"| {layer.name} | {'yes' if layer.quantized else 'no'} | {layer.total} | "
@@ -97,7 +101,8 @@ def _nbytes(tensor) -> int:
 
 
 def memory_report(model: nn.Module) -> MemoryReport:
-    """Bytes held per DiT linear layer and for the whole model (works on meta-device models too)."""
+    """Bytes held per DiT linear layer, for the whole module passed in and for each of its top-level parts
+    (works on meta-device models too)."""
     root = find_dit(model)
     layers, recipes = [], set()
     for name, module in root.named_modules():
@@ -126,4 +131,12 @@ def memory_report(model: nn.Module) -> MemoryReport:
             fp32 += tensor.numel() * 4 if tensor.is_floating_point() else _nbytes(tensor)
     held += sum(layer.held["cache"] for layer in layers)
     fp32 += sum(layer.fp32 for layer in layers if layer.quantized)
-    return MemoryReport(layers, held, fp32, ", ".join(sorted(recipes)) or None)
+    parts = {name: _held(child) for name, child in model.named_children()}
+    return MemoryReport(layers, held, fp32, ", ".join(sorted(recipes)) or None, parts)
+
+
+def _held(module: nn.Module) -> int:
+    """Bytes of a module's unique parameters and buffers, with the simulated backend's weight caches."""
+    tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    caches = sum(m.held_bytes()["cache"] for m in module.modules() if isinstance(m, QuantLinear))
+    return sum(_nbytes(t) for t in tensors.values()) + caches

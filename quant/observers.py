@@ -116,12 +116,14 @@ class _Recorder:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, forward_loop, *, progress: bool = True) -> CalibrationStats:
+def calibrate(model: nn.Module, forward_loop, *, progress: bool = True, total: int | None = None,
+              description: str = "calibrating (DiT forwards)") -> CalibrationStats:
     """Run `forward_loop()` (a zero-argument callable that drives the FP model, e.g. the SAT sampler
     over calibration prompts) and record, for every linear of the DiT and every timestep seen, the
     per-input-channel max |x|.
 
     Timesteps are rounded to 6 decimals; calls at the same t (several prompts, same schedule) merge.
+    total: the DiT forwards `forward_loop` will make, when the caller knows: the progress bar then shows an ETA.
     """
     dit = find_dit(model)
     layers = linear_layers(dit)
@@ -133,7 +135,7 @@ def calibrate(model: nn.Module, forward_loop, *, progress: bool = True) -> Calib
         handles = [layer.register_forward_pre_hook(recorder.hook_for(name)) for name, layer in layers.items()]
         if progress:
             from tqdm.auto import tqdm
-            bar = tqdm(desc="calibrating (DiT forwards)", unit="fwd")
+            bar = tqdm(desc=description, unit="fwd", total=total)
             handles.append(dit.register_forward_hook(lambda *_: bar.update(1)))
         try:
             forward_loop()

@@ -1,4 +1,6 @@
 """Paired generation, the quantized-model cache and the figures, on a tiny text-to-audio SAT model."""
+import dataclasses
+
 import numpy as np
 import plotly.graph_objects as go
 import pytest
@@ -6,7 +8,7 @@ import soundfile
 import torch
 
 import quant
-from lab import figures
+from lab import figures, sat
 from lab.comparison import Lab
 from lab.generation import (
     LOG_ABS_EDGES,
@@ -17,7 +19,7 @@ from lab.generation import (
     linear_layer_names,
     parse_seed,
 )
-from lab.quantized import QuantizedModels, describe, recipe_name
+from lab.quantized import QuantizedModels, calibrate, describe, recipe_name
 from lab.resources import read_prompts
 from lab.sat import SamplerSettings
 
@@ -166,6 +168,11 @@ def test_figures(loaded, models):
     spectrograms = figures.spectrogram_figure(fp.audio, q.audio, pair.sample_rate)
     assert [trace.type for trace in spectrograms.data] == ["heatmap"] * 3
     np.testing.assert_allclose(spectrograms.data[2].z, spectrograms.data[1].z - spectrograms.data[0].z)
+    hz = np.asarray(spectrograms.data[0].y)  # mel band centres in Hz, rising, below Nyquist
+    assert len(hz) == spectrograms.data[0].z.shape[0] and 0 < hz[0] < 100 and np.all(np.diff(hz) > 0)
+    assert hz[-1] < pair.sample_rate / 2
+    difference = spectrograms.data[2]  # a fixed, symmetric colour range whatever this pair's error is
+    assert (difference.zmin, difference.zmax) == (-figures.DIFFERENCE_DB, figures.DIFFERENCE_DB)
     steps = figures.step_metrics_figure(pair.step_snr_db, pair.step_logmel_steps, pair.step_logmel_db)
     assert len(steps.data[0].y) == REQUEST.steps
     heatmap = figures.activation_heatmap_figure(fp.trace, q.trace)
@@ -212,3 +219,13 @@ def test_compare_writes_the_pair_and_says_what_each_snr_measures(loaded, models,
     full_precision, quantized = (soundfile.read(path)[0] for path in (view.full_precision_wav, view.quantized_wav))
     assert full_precision.shape == quantized.shape and not np.array_equal(full_precision, quantized)
     assert "waveform SNR" in view.summary and "model-space SNR of the last denoised estimate" in view.summary
+
+
+@pytest.mark.parametrize("sampler", ["v-ddim", "k-heun"])
+def test_calibration_announces_the_forwards_it_makes(loaded, sampler, capsys):
+    prompts = ["white noise", "sine tone at a4", "kick drum at 120 bpm"]
+    settings = dataclasses.replace(loaded, sampling=loaded.sampling.replace(sampler_type=sampler, sigma_max=1.0))
+    stats = calibrate(settings, prompts, steps=3, seconds=0.5, batch=2)
+    expected = 2 * sat.dit_forwards(sampler, 3)  # two batches
+    assert stats.forwards == expected
+    assert f"/{expected}" in capsys.readouterr().err  # the bar's total: tqdm prints n/total

@@ -44,3 +44,15 @@ def test_timestep_groups_cost_one_weight_copy_each():
     quant.quantize_(dit, quant.get_recipe("w8a8-sqd").replace(timestep_groups=2), constant_stats(dit))
     report = quant.memory_report(dit)
     assert 0.5 < report.ratio_fp32 < 0.52
+
+
+def test_the_report_names_what_each_part_of_a_sat_model_holds():
+    from tests.tiny_models import tiny_diffusion_cond
+
+    model = tiny_diffusion_cond()
+    quant.quantize_(model, quant.get_recipe("w8a8-dynamic"))
+    report = quant.memory_report(model)
+    assert set(report.parts) == {name for name, _ in model.named_children()} and "model" in report.parts
+    assert sum(report.parts.values()) == report.model_bytes  # the parts add up to the whole
+    assert report.parts["model"] > report.linear_bytes  # the DiT holds its linears and more
+    assert "Parts of the module: model" in report.to_markdown()
