@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from quant.kernels import kernel_name
+
 
 def machine_info() -> dict:
     """CPU model, cores, instruction-set flags that matter for int8/bf16 kernels, torch version."""
@@ -27,7 +29,7 @@ def machine_info() -> dict:
     return {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "isa": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"}),
             "memory_gib": memory_gib, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}
+            "platform": platform.platform(), "int8_kernel": kernel_name(torch.device("cpu"))}
 
 
 def load_average() -> list[float]:

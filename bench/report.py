@@ -45,13 +45,13 @@ def markdown_report(results: dict) -> str:
         f"({', '.join(f'{k} {v:.0f} s' for k, v in meta['section_seconds'].items())})",
         f"Machine: {machine['cpu']}, {machine['logical_cores']} logical cores ({machine['torch_threads']} torch "
         f"threads), {machine['memory_gib']} GiB, ISA {', '.join(machine['isa']) or '–'}; torch {machine['torch']}, "
-        f"Python {machine['python']}. Load average (1/5/15 min) at start {meta['load_average_start']}, "
+        f"Python {machine['python']}; int8 kernel: {machine.get('int8_kernel', '–')}. Load average (1/5/15 min) at start {meta['load_average_start']}, "
         f"at end {meta.get('load_average_end')} (the machine is shared: other processes slow every row alike)",
         f"Speed: one DiT forward at shape {_shape_text(meta['config'])}, median of {meta['config']['reps']} "
         f"(simulated: {meta['config']['simulated_reps']}). Fidelity: {meta.get('fidelity_model', '–')}.",
         "",
         "| row | SAO linear MiB | SAO linear x fp32 | SAO DiT x fp32 | model linear x fp32 | fwd int (s) | "
-        "x fp32 | x bf16 | fwd sim (s) | sim x fp32 | e2e s/clip | e2e x FP | SNR dB | log-mel dB | traj err | "
+        "x fp32 | x fastest float | fwd sim (s) | sim x fp32 | e2e s/clip | e2e x FP | SNR dB | log-mel dB | traj err | "
         "adherence % (Δ) | MOS |",
         "|---|" + "---:|" * 16,
     ]
@@ -70,7 +70,7 @@ def markdown_report(results: dict) -> str:
             f"| {name} | {_fmt(mem['linear_bytes'] / 2**20 if mem else None, '.0f')} | "
             f"{_fmt(mem.get('linear_ratio_fp32'), '.3f')} | {_fmt(mem.get('dit_ratio_fp32'), '.3f')} | "
             f"{_fmt(model_mem.get('linear_ratio_fp32'), '.3f')} | {_fmt(fwd, '.3f')} | "
-            f"{_fmt(speed.get('integer_x_fp32', speed.get('float_x_fp32')), '.2f')} | {_fmt(speed.get('x_bf16'), '.2f')} | "
+            f"{_fmt(speed.get('integer_x_fp32', speed.get('float_x_fp32')), '.2f')} | {_fmt(speed.get('x_fastest_float'), '.2f')} | "
             f"{_fmt(speed.get('simulated_s'), '.3f')} | {_fmt(speed.get('simulated_x_fp32'), '.2f')} | "
             f"{_fmt(e2e.get('seconds_per_clip'), '.3f')} | {_fmt(e2e.get('speedup_vs_fp'), '.2f')} | {snr} | "
             f"{'ref' if name == 'fp32' and fid else _fmt(fid.get('logmel_db'), '.2f')} | "

@@ -21,6 +21,7 @@ from lab import sat
 def memory_columns(report: quant.MemoryReport) -> dict:
     """A memory report as the results' memory columns."""
     return {"linear_bytes": report.linear_bytes, "linear_ratio_fp32": report.ratio_fp32,
+            "resident_linear_bytes": report.resident_linear_bytes,
             "dit_bytes": report.model_bytes, "dit_ratio_fp32": report.model_bytes / report.model_fp32_bytes}
 
 

@@ -16,9 +16,16 @@ def row_seconds(rows: dict, name: str) -> float | None:
     return speed.get("float_s") or speed.get("integer_s")
 
 
+def fastest_float_seconds(rows: dict) -> float | None:
+    """The faster of the fp32 and bf16 rows: bf16 wins on CPUs with native bf16 (AMX, AVX512-BF16) and loses
+    ~4x on those without, so "faster than bf16" alone would be the wrong yardstick."""
+    measured = [s for s in (row_seconds(rows, "fp32"), row_seconds(rows, "bf16")) if s]
+    return min(measured) if measured else None
+
+
 def add_speedups(rows: dict[str, dict]) -> None:
-    """Speed-ups against fp32 (and bf16) from the same run's seconds."""
-    fp32, bf16 = row_seconds(rows, "fp32"), row_seconds(rows, "bf16")
+    """Speed-ups against fp32, bf16 and the fastest float path, from the same run's seconds."""
+    fp32, bf16, fastest = row_seconds(rows, "fp32"), row_seconds(rows, "bf16"), fastest_float_seconds(rows)
     for row in rows.values():
         speed = row.get("speed")
         if not speed or not fp32:
@@ -26,8 +33,11 @@ def add_speedups(rows: dict[str, dict]) -> None:
         for key in ("float", "integer", "simulated"):
             if speed.get(f"{key}_s"):
                 speed[f"{key}_x_fp32"] = fp32 / speed[f"{key}_s"]
-        if bf16 and (speed.get("integer_s") or speed.get("float_s")):
-            speed["x_bf16"] = bf16 / (speed.get("integer_s") or speed["float_s"])
+        own = speed.get("integer_s") or speed.get("float_s")
+        if bf16 and own:
+            speed["x_bf16"] = bf16 / own
+        if fastest and own:
+            speed["x_fastest_float"] = fastest / own
 
 
 def check_targets(rows: dict[str, dict]) -> list[dict]:
@@ -48,16 +58,22 @@ def check_targets(rows: dict[str, dict]) -> list[dict]:
                         "result": "not measured" if passed is None else "pass" if passed else "miss"})
 
     static8 = value("w8a8-static", "speed", "integer_s")
-    add("W8A8 static integer DiT forward, speed-up vs fp32", ratio(row_seconds(rows, "fp32"), static8), ">=", 4.0)
-    add("W8A8 static integer DiT forward, speed-up vs bf16", ratio(row_seconds(rows, "bf16"), static8), ">=", 1.5)
+    add("W8A8 static integer DiT forward, speed-up vs fp32", ratio(row_seconds(rows, "fp32"), static8), ">=", 3.5)
+    add("W8A8 static integer DiT forward, speed-up vs the fastest float path",
+        ratio(fastest_float_seconds(rows), static8), ">=", 1.2)
     for bits in (8, 4):
         for method in ("dynamic", "sqd"):
             add(f"W{bits}A8 {method} time / W{bits}A8 static time (integer)",
                 ratio(value(f"w{bits}a8-{method}", "speed", "integer_s"), value(f"w{bits}a8-static", "speed", "integer_s")),
-                "<=", 1.15)
+                "<=", 1.1)
     for method in METHODS:
         add(f"W4A8 {method} time / W8A8 {method} time (integer)",
-            ratio(value(f"w4a8-{method}", "speed", "integer_s"), value(f"w8a8-{method}", "speed", "integer_s")), "<=", 1.0)
+            ratio(value(f"w4a8-{method}", "speed", "integer_s"), value(f"w8a8-{method}", "speed", "integer_s")), "<=", 1.1)
+    for name in ("w8a16", "w4a16"):
+        add(f"{name} time / the fastest float path's time",
+            ratio(value(name, "speed", "integer_s"), fastest_float_seconds(rows)), "<=", 1.0)
+    add("quantized demo clip time / full-precision clip time (w8a8-dynamic, end to end)",
+        ratio(1.0, value("w8a8-dynamic", "e2e", "speedup_vs_fp")), "<=", 1.0)
     for method in METHODS:
         add(f"memory at SAO shape, W8A8 {method} (linear bytes x fp32)",
             value(f"w8a8-{method}", "memory_sao", "linear_ratio_fp32"), "<=", 0.26)

@@ -106,8 +106,9 @@ class Lab:
             f"**Quantized** (`{recipe.name}`, {precision} {method}): {pair.quantized.seconds_taken:.2f} s",
             f"Seed {pair.request.seed} · waveform SNR {waveform_snr:.1f} dB · {space} SNR of the last denoised "
             f"estimate {pair.step_snr_db[-1]:.1f} dB · log-mel distance {pair.step_logmel_db[-1]:.2f} dB",
-            f"DiT linear layers: {memory.linear_bytes / 2**20:.2f} MiB quantized vs "
-            f"{memory.linear_fp32_bytes / 2**20:.2f} MiB in fp32 ({memory.ratio_fp32:.0%})",
+            f"DiT linear layers: {memory.linear_bytes / 2**20:.2f} MiB stored vs "
+            f"{memory.linear_fp32_bytes / 2**20:.2f} MiB in fp32 ({memory.ratio_fp32:.0%}); "
+            f"{memory.resident_linear_bytes / 2**20:.2f} MiB resident with the kernel's run-time weight copies",
         ]
         return "\n\n".join(line for line in lines if line)
 

@@ -13,8 +13,12 @@ group, so each group needs its own quantized copy), else 1.
 
 Backends:
   "simulated": activations and weights quantized-dequantized, float matmul: the reference semantics.
-  "integer": activations quantized to int8 codes, int8 x int8 -> int32 matmul (`kernels.int_matmul`),
-             one float rescale. int4 weights are unpacked to int8 per call. Weight-only recipes
+  "integer": activations quantized to int8 codes, int8 x int8 -> int32 matmul with the kernel
+             `kernels.choose_kernel` picks for the device (oneDNN prepacked on x86 CPUs with VNNI/AMX,
+             `torch._int_mm` otherwise), one float rescale. The weight copy in use is prepared for the
+             kernel on first forward and kept (derived state, never in the state dict, counted as "cache"
+             by `held_bytes`): oneDNN's blocked copy, or for int4 the unpacked int8 codes, so W4A8 runs
+             at W8A8's speed while the stored weight stays 4-bit. Weight-only recipes
              dequantize the weight to the input dtype per call (no x86 kernel takes int weights with
              float activations quickly). Per-group weight scales only with weight-only recipes.
 Smoothing divides x by s at run time (fused into the activation quantizer's input); the branch sees the
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import quantize_per_tensor, quantize_per_token, scaled_int_matmul
+from .kernels import PreparedWeight, choose_kernel
 from .lowrank import LowRankBranch, fit_low_rank, random_low_rank
 from .primitives import (
     dequantize_weight,
@@ -60,6 +64,7 @@ class QuantLinear(nn.Module):
         self.tracker: TimestepTracker | None = None
         self._boundaries: list[float] | None = None  # Python copy of timestep_boundaries, filled lazily
         self._weight_cache = None  # simulated backend: (copy index, dtype, dequantized weight)
+        self._prepared = None  # integer backend: (copy index, kernel, PreparedWeight) of the copy in use
 
         groups = recipe.timestep_groups
         copies = groups if recipe.smooths else 1
@@ -152,6 +157,13 @@ class QuantLinear(nn.Module):
         """Drop values computed from buffers (they change when a state dict is loaded)."""
         self._boundaries = None
         self._weight_cache = None
+        self._prepared = None
+
+    def __getstate__(self):
+        """Copies and pickles leave the derived state behind (oneDNN's packed tensors cannot be copied)."""
+        state = self.__dict__.copy()
+        state.update(_boundaries=None, _weight_cache=None, _prepared=None)
+        return state
 
     # ---- views of the stored state ------------------------------------------------------------
 
@@ -223,6 +235,20 @@ class QuantLinear(nn.Module):
             cache = self._weight_cache = (copy_index, dtype, self.dequantized_weight(copy_index, dtype))
         return cache[2]
 
+    def prepared_weight(self, copy_index: int, device: torch.device) -> PreparedWeight:
+        """Integer backend: weight copy `copy_index` prepared for the kernel in force on `device`.
+
+        Built on first use and kept (one copy at a time, like the simulated cache): rebuilt when the
+        copy (timestep group), the kernel or the device changes, dropped by `_forget_derived`."""
+        kernel = choose_kernel(device)
+        cache = self._prepared
+        if cache is None or cache[0] != copy_index or cache[1] != kernel or cache[2].device != self.qweight.device:
+            self._prepared = None  # free the old copy before building the new one
+            codes = self.weight_codes(copy_index)
+            cache = self._prepared = (copy_index, kernel, PreparedWeight(
+                codes, self.weight_scale[copy_index, :, 0], kernel, owns_codes=self.recipe.w_bits == 4))
+        return cache[2]
+
     # ---- forward ------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,13 +270,8 @@ class QuantLinear(nn.Module):
             if recipe.backend == "simulated":
                 y = F.linear(self._fake_quant_input(xs, group), self._cached_weight(copy_index, torch.float32), bias)
             else:
-                if recipe.dynamic_activations:
-                    codes, x_scale = quantize_per_token(xs, recipe.a_bits)
-                else:
-                    x_scale = self.act_scale[group]
-                    codes = quantize_per_tensor(xs, x_scale, recipe.a_bits)
-                w_scale = self.weight_scale[copy_index, :, 0]  # (out,)
-                y = scaled_int_matmul(codes, x_scale, self.weight_codes(copy_index).t(), w_scale, bias)
+                act_scale = None if recipe.dynamic_activations else self.act_scale[group]
+                y = self.prepared_weight(copy_index, xs.device).linear(xs, recipe.a_bits, act_scale, bias)
             branch_input = xs
 
         if self.lowrank is not None:
@@ -260,17 +281,19 @@ class QuantLinear(nn.Module):
     # ---- bookkeeping --------------------------------------------------------------------------
 
     def held_bytes(self) -> dict[str, int]:
-        """Bytes this layer holds, by kind (the simulated backend's dequantized cache included)."""
+        """Bytes this layer holds, by kind. "cache": derived copies resident now (the simulated backend's
+        dequantized weight, the integer backend's prepared weight: oneDNN's packed copy or unpacked int4)."""
         def nbytes(*tensors):
             return sum(t.numel() * t.element_size() for t in tensors if t is not None)
         cache = self._weight_cache[2] if self._weight_cache is not None else None
+        prepared = self._prepared[2].extra_bytes if self._prepared is not None else 0
         return {
             "weight": nbytes(self.qweight),
             "scales": nbytes(self.weight_scale, self.act_scale, self.timestep_boundaries),
             "smoothing": nbytes(self.smooth),
             "lowrank": nbytes(*(t for branch in (self.lowrank or []) for t in (branch.A, branch.B))),
             "bias": nbytes(self.bias),
-            "cache": nbytes(cache),
+            "cache": nbytes(cache) + prepared,
         }
 
     def extra_repr(self) -> str:

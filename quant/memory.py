@@ -1,8 +1,10 @@
-"""Memory report: the bytes a model actually holds, against its fp32 and fp16 originals.
+"""Memory report: the bytes a model holds, against its fp32 and fp16 originals.
 
 Counted for every linear layer of the DiT: integer (or packed int4) weights, every weight copy of
-timestep-aware recipes, scales, smoothing vectors, low-rank branches, biases and the simulated
-backend's dequantized weight cache. Layers left in float count their weights in their dtype.
+timestep-aware recipes, scales, smoothing vectors, low-rank branches and biases: the *stored* bytes, what a
+file holds and what the ratios compare. Derived copies built at run time (a kernel's prepacked or unpacked
+weight, the simulated backend's dequantized weight) are the kind "cache": counted apart as *resident* bytes,
+since they exist only after a first forward. Layers left in float count their weights in their dtype.
 """
 from dataclasses import dataclass, field
 
@@ -23,6 +25,12 @@ class LayerMemory:
 
     @property
     def total(self) -> int:
+        """Stored bytes (derived caches excluded)."""
+        return sum(value for kind, value in self.held.items() if kind != "cache")
+
+    @property
+    def resident(self) -> int:
+        """Stored bytes plus derived caches: what the layer occupies after a forward."""
         return sum(self.held.values())
 
     @property
@@ -37,7 +45,7 @@ class LayerMemory:
 @dataclass
 class MemoryReport:
     layers: list[LayerMemory]
-    model_bytes: int              # everything the module passed in holds (parameters, buffers, caches)
+    model_bytes: int              # what the module passed in stores (parameters and buffers)
     model_fp32_bytes: int         # the same module with every float tensor and original linear in fp32
     recipe: str | None = None
     parts: dict[str, int] = field(default_factory=dict)  # bytes per top-level child (SAT: DiT, conditioner, autoencoder)
@@ -48,7 +56,13 @@ class MemoryReport:
 
     @property
     def linear_bytes(self) -> int:
+        """Stored bytes of the linear layers (what the ratios compare)."""
         return sum(layer.total for layer in self.layers)
+
+    @property
+    def resident_linear_bytes(self) -> int:
+        """Stored bytes plus the derived caches built so far (prepacked / unpacked / dequantized weights)."""
+        return sum(layer.resident for layer in self.layers)
 
     @property
     def linear_fp32_bytes(self) -> int:
@@ -75,7 +89,10 @@ class MemoryReport:
             "",
             "| | MiB | x fp32 | x fp16 |",
             "|---|---:|---:|---:|",
-            f"| linear layers | {self.linear_bytes / mib:.1f} | {self.ratio_fp32:.3f} | {self.ratio_fp16:.3f} |",
+            f"| linear layers, stored | {self.linear_bytes / mib:.1f} | {self.ratio_fp32:.3f} | {self.ratio_fp16:.3f} |",
+            f"| linear layers, resident (+ run-time copies) | {self.resident_linear_bytes / mib:.1f} | "
+            f"{self.resident_linear_bytes / self.linear_fp32_bytes:.3f} | "
+            f"{self.resident_linear_bytes / self.linear_fp16_bytes:.3f} |",
             f"| module passed in (all of it) | {self.model_bytes / mib:.1f} | "
             f"{self.model_bytes / self.model_fp32_bytes:.3f} | {2 * self.model_bytes / self.model_fp32_bytes:.3f} |",
             f"| linears fp32 / fp16 | {self.linear_fp32_bytes / mib:.1f} / {self.linear_fp16_bytes / mib:.1f} | | |",
@@ -129,14 +146,12 @@ def memory_report(model: nn.Module) -> MemoryReport:
         held += _nbytes(tensor)
         if id(tensor) not in quant_tensor_ids:
             fp32 += tensor.numel() * 4 if tensor.is_floating_point() else _nbytes(tensor)
-    held += sum(layer.held["cache"] for layer in layers)
     fp32 += sum(layer.fp32 for layer in layers if layer.quantized)
     parts = {name: _held(child) for name, child in model.named_children()}
     return MemoryReport(layers, held, fp32, ", ".join(sorted(recipes)) or None, parts)
 
 
 def _held(module: nn.Module) -> int:
-    """Bytes of a module's unique parameters and buffers, with the simulated backend's weight caches."""
+    """Stored bytes of a module: its unique parameters and buffers."""
     tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
-    caches = sum(m.held_bytes()["cache"] for m in module.modules() if isinstance(m, QuantLinear))
-    return sum(_nbytes(t) for t in tensors.values()) + caches
+    return sum(_nbytes(t) for t in tensors.values())

@@ -1,5 +1,6 @@
 """memory_report at Stable Audio Open's DiT shape (built on the meta device: shapes only, no weights)."""
 import pytest
+import torch
 
 import quant
 from lab import sat
@@ -56,3 +57,19 @@ def test_the_report_names_what_each_part_of_a_sat_model_holds():
     assert sum(report.parts.values()) == report.model_bytes  # the parts add up to the whole
     assert report.parts["model"] > report.linear_bytes  # the DiT holds its linears and more
     assert "Parts of the module: model" in report.to_markdown()
+
+
+def test_run_time_weight_copies_count_as_resident_not_stored():
+    from tests.tiny_models import dit_inputs, tiny_dit
+
+    dit = tiny_dit()
+    quant.quantize_(dit, quant.get_recipe("w4a8-dynamic"))
+    before = quant.memory_report(dit)
+    x, t, kwargs = dit_inputs()
+    with torch.no_grad():
+        dit(x, t, **kwargs)  # int4 weights get an int8 (or prepacked) copy on the first forward
+    after = quant.memory_report(dit)
+    assert (after.linear_bytes, after.ratio_fp32, after.model_bytes) == (before.linear_bytes, before.ratio_fp32,
+                                                                          before.model_bytes)
+    assert after.resident_linear_bytes > before.resident_linear_bytes == before.linear_bytes
+    assert "resident" in after.to_markdown()

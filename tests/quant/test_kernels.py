@@ -1,0 +1,238 @@
+"""Integer kernels: every path available here equals the simulated reference to float rounding, the choice
+falls back cleanly, prepared weights stay derived state (not saved, counted as cache), CUDA padding rules."""
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import quant
+from quant import kernels
+from quant.primitives import per_token_scale, quantize, sqnr
+from tests.tiny_models import dit_inputs, tiny_dit
+
+KERNELS = ["int_mm"] + (["onednn"] if kernels.onednn_available() else [])
+METHODS = ("static", "dynamic", "smoothquant", "sqd")
+
+
+@pytest.fixture
+def use_kernel():
+    """Force a CPU kernel for the test; hand the choice back afterwards."""
+    yield kernels.set_kernel
+    kernels.set_kernel(None)
+
+
+def outlier_input(tokens=96, channels=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, channels, generator=g)
+    x[:, [3, 50, 99]] *= 30.0
+    return x
+
+
+def make_layer(method, w_bits, backend, *, bias=True, lora_rank=0, groups=1, seed=0):
+    """QuantLinear.from_float on a random nn.Linear, with calibration statistics taken from outlier_input."""
+    torch.manual_seed(seed)
+    linear = nn.Linear(128, 72, bias=bias)
+    recipe = quant.Recipe("k", w_bits, 8, method, timestep_groups=groups, lora_rank=lora_rank, backend=backend)
+    absmax = boundaries = None
+    if recipe.needs_calibration:
+        absmax = torch.stack([outlier_input(seed=g).abs().amax(dim=0) * (1 + g) for g in range(groups)])
+        boundaries = [0.5 + i for i in range(groups - 1)]
+    tracker = SimpleNamespace(t=0.2)
+    return quant.QuantLinear.from_float(linear, recipe, absmax, boundaries, tracker)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("bias,lora_rank", [(True, 0), (False, 8), (True, 8)])
+def test_every_kernel_matches_the_simulated_path(use_kernel, kernel, method, w_bits, bias, lora_rank):
+    use_kernel(kernel)
+    sim = make_layer(method, w_bits, "simulated", bias=bias, lora_rank=lora_rank)
+    integer = make_layer(method, w_bits, "integer", bias=bias, lora_rank=lora_rank)
+    x = outlier_input(seed=5)
+    with torch.no_grad():
+        y_sim, y_int = sim(x), integer(x)
+        y_again = integer(x)  # second call: the prepared weight is reused
+    assert integer._prepared[1] == kernel
+    assert sqnr(y_sim, y_int) > 60
+    assert torch.equal(y_int, y_again)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("method", ["smoothquant", "sqd", "static"])
+def test_timestep_groups_switch_the_prepared_copy(use_kernel, kernel, method):
+    use_kernel(kernel)
+    sim = make_layer(method, 8, "simulated", lora_rank=4, groups=3)
+    integer = make_layer(method, 8, "integer", lora_rank=4, groups=3)
+    x = outlier_input(seed=2)
+    for t in (0.2, 1.2, 2.2, 0.2):
+        sim.tracker.t = integer.tracker.t = t
+        with torch.no_grad():
+            assert sqnr(sim(x), integer(x)) > 60
+        assert integer._prepared[0] == (integer.group_for(t) if integer.recipe.smooths else 0)
+
+
+@pytest.mark.skipif(len(KERNELS) < 2, reason="the oneDNN int8 ops are not in this torch")
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_onednn_and_int_mm_agree(use_kernel, method, w_bits):
+    layer = make_layer(method, w_bits, "integer", lora_rank=4)
+    x = outlier_input(seed=3)
+    outputs = {}
+    for kernel in KERNELS:
+        use_kernel(kernel)
+        with torch.no_grad():
+            outputs[kernel] = layer(x)
+    # same integer accumulators; only the float rescale may round differently
+    assert torch.allclose(outputs["onednn"], outputs["int_mm"], rtol=1e-5, atol=1e-5)
+
+
+def test_missing_onednn_falls_back_to_int_mm(monkeypatch, use_kernel):
+    layer = make_layer("dynamic", 8, "integer", lora_rank=4)
+    x = outlier_input(seed=4)
+    with torch.no_grad():
+        y_auto = layer(x)
+    monkeypatch.setattr(kernels, "onednn_available", lambda: False)
+    assert not kernels.onednn_fast()
+    assert kernels.choose_kernel("cpu") == "int_mm"
+    assert kernels.kernel_name().startswith("int_mm")
+    with torch.no_grad():
+        y_fallback = layer(x)
+    assert layer._prepared[1] == "int_mm"
+    assert torch.allclose(y_auto, y_fallback, rtol=1e-5, atol=1e-5)
+    use_kernel("onednn")
+    with pytest.raises(RuntimeError, match="oneDNN"):
+        kernels.choose_kernel("cpu")
+
+
+def test_kernel_choice_from_the_environment(monkeypatch):
+    monkeypatch.setenv(kernels.KERNEL_ENV, "int_mm")
+    assert kernels.choose_kernel("cpu") == "int_mm"
+    assert "forced" in kernels.kernel_name()
+    monkeypatch.setenv(kernels.KERNEL_ENV, "auto")
+    assert kernels.choose_kernel("cpu") == ("onednn" if kernels.onednn_fast() else "int_mm")
+    assert kernels.choose_kernel(torch.device("cuda", 0)) == "cuda"
+    monkeypatch.setenv(kernels.KERNEL_ENV, "fastest")
+    with pytest.raises(ValueError, match=kernels.KERNEL_ENV):
+        kernels.choose_kernel("cpu")
+    with pytest.raises(ValueError):
+        kernels.set_kernel("fastest")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_prepared_weight_is_derived_state_counted_as_cache(use_kernel, kernel, w_bits):
+    use_kernel(kernel)
+    layer = make_layer("dynamic", w_bits, "integer")
+    keys = set(layer.state_dict())
+    assert layer.held_bytes()["cache"] == 0
+    with torch.no_grad():
+        y = layer(outlier_input())
+    extra = 0 if (kernel == "int_mm" and w_bits == 8) else layer.out_features * layer.in_features
+    assert layer.held_bytes()["cache"] == extra
+    assert layer.held_bytes()["weight"] == layer.qweight.numel()  # still 4-bit (packed) or 8-bit stored
+    assert set(layer.state_dict()) == keys
+    twin = copy.deepcopy(layer)  # copies leave the prepared state behind
+    assert twin._prepared is None and layer._prepared is not None
+    with torch.no_grad():
+        assert torch.equal(twin(outlier_input()), y)
+    layer.load_state_dict(twin.state_dict())
+    assert layer._prepared is None and layer.held_bytes()["cache"] == 0
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("preset", ["w8a8-dynamic", "w4a8-sqd+lora", "w8a8-smoothquant"])
+def test_tiny_dit_integer_matches_simulated_and_save_load_is_bit_identical(use_kernel, kernel, preset, tmp_path):
+    use_kernel(kernel)
+    dit = tiny_dit()
+    x, t, kwargs = dit_inputs()
+    recipe = quant.get_recipe(preset)
+    stats = quant.calibrate(dit, lambda: [dit(x, torch.full_like(t, ti), **kwargs) for ti in (0.1, 0.4, 0.7, 0.95)],
+                            progress=False) if recipe.needs_calibration else None
+    models = {backend: quant.quantize_(copy.deepcopy(dit), recipe.replace(backend=backend), stats)
+              for backend in ("simulated", "integer")}
+    with torch.no_grad():
+        y_sim, y_int = (models[b](x, t, **kwargs) for b in ("simulated", "integer"))
+    assert sqnr(y_sim, y_int) > 50  # per layer > 60 dB; a rare code flips across a rounding boundary downstream
+    integer = models["integer"]
+    assert all(layer._prepared is not None for layer in quant.quantized_layers(integer).values())
+    assert quant.memory_report(integer).by_kind["cache"] > 0 or (kernel == "int_mm" and recipe.w_bits == 8)
+
+    quant.save(integer, recipe, tmp_path / "a.safetensors")
+    fresh = tiny_dit()
+    quant.load(fresh, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(x, t, **kwargs), y_int)
+    quant.save(fresh, recipe, tmp_path / "b.safetensors")
+    # same tensors and metadata (safetensors may order the header's metadata differently between writes)
+    from safetensors import safe_open
+    files = [safe_open(str(tmp_path / name), framework="pt") for name in ("a.safetensors", "b.safetensors")]
+    assert files[0].metadata() == files[1].metadata() and set(files[0].keys()) == set(files[1].keys())
+    for key in files[0].keys():
+        first, second = files[0].get_tensor(key), files[1].get_tensor(key)
+        assert first.dtype == second.dtype and torch.equal(first, second), key
+
+
+def test_activation_quantizers_give_the_reference_codes():
+    x = outlier_input(seed=7)
+    x[5] = 0.0  # an all-zero token
+    codes, scale = kernels.quantize_per_token(x, 8)
+    assert torch.equal(scale, per_token_scale(x, 8))
+    assert torch.equal(codes, quantize(x, per_token_scale(x, 8), 8))
+    codes_u8, _ = kernels.quantize_per_token(x, 8, unsigned=True)
+    assert codes_u8.dtype == torch.uint8 and torch.equal(codes_u8.int() - 128, codes.int())
+    static = torch.tensor(0.05)
+    ref = quantize(x, static, 8)
+    assert torch.equal(kernels.quantize_per_tensor(x, static, 8), ref)
+    assert torch.equal(kernels.quantize_per_tensor(x, static, 8, unsigned=True).int() - 128, ref.int())
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 13, 7), (16, 16, 8), (17, 8, 9), (40, 1536, 6144 + 3), (3, 64, 64)])
+def test_cuda_padding_rules_checked_on_cpu(monkeypatch, m, k, n):
+    assert kernels.cuda_padding(17, 8, 8) == (0, 0, 0)
+    pad_m, pad_k, pad_n = kernels.cuda_padding(m, k, n)
+    assert m + pad_m > 16 and (k + pad_k) % 8 == 0 and (n + pad_n) % 8 == 0
+    assert pad_m < 17 and pad_k < 8 and pad_n < 8
+    g = torch.Generator().manual_seed(m + k + n)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    expected = torch._int_mm(a, w.t())
+    real_int_mm, shapes = torch._int_mm, []
+
+    def cuda_rules_int_mm(a, b):  # what CUDA would accept
+        shapes.append((a.shape[0], a.shape[1], b.shape[1]))
+        assert a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0
+        return real_int_mm(a, b)
+    monkeypatch.setattr(torch, "_int_mm", cuda_rules_int_mm)
+    assert torch.equal(kernels.padded_int_mm(a, w.t()), expected)
+    assert shapes == [(m + pad_m, k + pad_k, n + pad_n)]
+
+
+def test_gpu_check_exits_clearly_without_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    from bench import gpu_check
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--out", str(tmp_path / "gpu.json")])
+    assert exit_info.value.code != 0
+    assert "CUDA" in capsys.readouterr().err
+    assert not (tmp_path / "gpu.json").exists()
+
+
+def test_gpu_check_dry_run_on_the_cpu_with_a_tiny_shape():
+    """The GPU check's whole flow (inputs, calibration, every preset's integer-vs-simulated twin, JSON) on the
+    CPU with a tiny DiT: what runs on CUDA differs only in the timer and the device."""
+    import json
+
+    from bench import gpu_check
+    from tests.tiny_models import TINY_DIT
+
+    args = gpu_check.parse_args(["--out", "unused.json", "--latent-tokens", "16", "--cond-tokens", "3",
+                                 "--reps", "1", "--presets", "w8a8-dynamic", "w4a8-sqd+lora", "w8a16"])
+    result = gpu_check.run(args, device="cpu", shape=dict(TINY_DIT))
+    assert not result["errors"] and result["all_agree"], result["errors"]
+    assert set(result["presets"]) == {"w8a8-dynamic", "w4a8-sqd+lora", "w8a16"}
+    assert set(result["float"]) == {"fp32", "bf16", "fp16"}
+    json.dumps(result)
