@@ -137,7 +137,9 @@ def parse_args(argv=None) -> BenchConfig:
     return BenchConfig.quick_defaults(**overrides) if args.quick else BenchConfig(**overrides)
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> None:
+    """The console script: returns nothing, so a finished run exits 0 (a returned dict would be printed and
+    turned into exit code 1 by the entry-point wrapper)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         cfg = parse_args(argv)
@@ -145,4 +147,3 @@ def main(argv=None) -> dict:
         raise SystemExit(f"{COMMAND}: error: {error}") from None
     results = run(cfg, command=" ".join([COMMAND, *argv]))
     print(f"wrote {cfg.out / 'results.md'} ({results['meta']['duration_s']:.0f} s)")
-    return results
