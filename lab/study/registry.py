@@ -48,12 +48,6 @@ class Studies:
                                                                  push_minutes=self.push_minutes))
             return self._served[study_id]
 
-    def check(self, study_id: str) -> Manifest:
-        """The manifest, verified again now, with the engine's own message on failure (for experimenters)."""
-        with self._lock:
-            self._served.pop(study_id, None)
-        return load_manifest(study_path(self.root, study_id))
-
     def build(self, definition: StudyDefinition, loaded, models, *, progress: bool = True) -> Manifest:
         """Build (or resume) a study under this root; it is served from then on."""
         manifest = build_study(definition, loaded, models, self.root, progress=progress)
@@ -65,8 +59,3 @@ class Studies:
     def completion_code(manifest: Manifest, rater_id: str) -> str:
         """A code a rater quotes to prove completion (e.g. to a recruiting platform); derived, not stored."""
         return opaque_id(manifest.secret(), "completion", rater_id, length=10).upper()
-
-    def rater_count(self, study_id: str) -> int:
-        manifest, store = self.get(study_id)
-        return len({row["rater_id"] for row in store.read()})
-

@@ -35,7 +35,7 @@ def user_errors(fn):
     return wrapper
 
 
-def template_definition(lab: Lab) -> str:
+def template_definition() -> str:
     """A MUSHRA study over two prompts, as a starting point the experimenter edits."""
     definition = StudyDefinition(
         study_id="mushra-w8a8-vs-w4a8", title="Quantized audio quality", test_type="mushra",
@@ -103,7 +103,7 @@ def build_console(lab: Lab, studies: Studies, *, concurrency_limit: int = 1, on_
             gr.Markdown("Define a study (JSON: prompts × seeds × conditions; full precision is the reference), "
                         "build its stimuli, then send raters the link. Building resumes after an interruption; "
                         "for large studies use `torchrun --nproc-per-node N -m lab.study build DEFINITION.json`.")
-            definition = gr.Code(template_definition(lab), language="json", label="Study definition",
+            definition = gr.Code(template_definition(), language="json", label="Study definition",
                                  elem_id="definition")
             build = gr.Button("Build study", variant="primary", elem_id="build")
             build_status = gr.Markdown(elem_id="build-status")
