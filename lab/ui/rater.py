@@ -25,6 +25,8 @@ from lab.study.registry import Studies
 log = logging.getLogger(__name__)
 MAX_CLIPS = 12  # clips one page can show (MUSHRA: conditions + hidden reference + anchor)
 MAX_EXAMPLES = 8  # clips on the familiarisation page
+NO_STUDY = ("## Listening test\n\nOpen the study link you were given (it ends in `?study=...`). "
+            "Experimenters: the console is at [/admin](admin/).")
 TYPE_NAMES = {"acr": "Rate each clip", "ab": "Compare two clips", "mushra": "Rate clips against a reference"}
 
 
@@ -218,6 +220,8 @@ def build_rater_app(studies: Studies, *, browser_secret: str) -> gr.Blocks:
 
         def on_load(remembered, request: gr.Request):
             params = request.query_params
+            if not params.get("study"):  # the bare address: say where to go, name no study
+                return None, remembered, NO_STUDY, gr.Button(visible=False)
             rater_id = (params.get("rater") or remembered or f"r-{uuid.uuid4().hex[:10]}").strip()
             try:
                 return opened(params.get("study", ""), rater_id, request)

@@ -186,3 +186,21 @@ def test_fifty_concurrent_raters_each_finish_a_page(served):
     for row in rows:
         counts[row["condition"]] = counts.get(row["condition"], 0) + 1
     assert max(counts.values()) - min(counts.values()) <= 1  # the Latin square balances conditions
+
+
+@pytest.mark.browser
+def test_the_bare_address_points_to_the_study_link_and_the_console(served):
+    from playwright.sync_api import sync_playwright
+
+    from tests.app.test_browser import CHROMIUM, CHROMIUM_ARGS, require_browser
+
+    require_browser()
+    url, *_ = served
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("#welcome >> text=study link you were given", timeout=60_000)
+        text = page.locator("#welcome").inner_text()
+        browser.close()
+    assert "/admin" in text and "test-" not in text  # no study is named
