@@ -1,6 +1,7 @@
 """Settings read from environment variables, so a Hugging Face Space is configured without code changes.
 
-Command-line flags of app.py override the model and ratings settings; everything else is env-only.
+Flags of `ptq-lab` override the model, quantized files, studies folder and console password; the rest is
+env-only. Reading them imports no torch, so `--help` answers at once.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from lab.resources import ROOT
+from lab.settings import Settings
 
 
 def cmd_build(args) -> None:
@@ -24,7 +24,6 @@ def cmd_build(args) -> None:
     from lab import sat
     from lab.quantized import QuantizedModels
     from lab.resources import read_prompts
-    from lab.settings import Settings
     from lab.study.build import build_study
     from lab.study.definition import StudyDefinition
 
@@ -99,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", help="Hugging Face model repo (default: the embedded demo model)")
     b.add_argument("--model-config", type=Path, help="local SAT model_config.json (with --ckpt-path)")
     b.add_argument("--ckpt-path", type=Path, help="local checkpoint (.safetensors or .ckpt)")
-    b.add_argument("--root", type=Path, default=ROOT / "runs" / "studies", help="folder of studies")
+    b.add_argument("--root", type=Path, default=Settings.from_env().studies_dir,
+                   help="folder of studies (default: $LAB_STUDIES_DIR or runs/studies, where the app serves them)")
     b.add_argument("--cache-dir", type=Path, help="quantized-model cache (default: $LAB_CACHE_DIR or runs/cache)")
     b.add_argument("--calibration-prompts", type=Path, help="prompts for calibrated presets, one per line")
     b.add_argument("--calibration-steps", type=int, help="sampler steps per calibration prompt")
