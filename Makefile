@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.requirements.sha256
 # torch's default OpenMP threads spin while waiting: on a shared 2-core machine that made one clip ~20x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test test-fast lint bench train chromium clean
+.PHONY: venv demo test test-fast lint bench gpu-check train sao-check chromium clean
 
 venv:
 	@if [ ! -x $(PY) ]; then $(PYTHON) -m venv $(VENV); fi
@@ -42,8 +42,16 @@ test-fast: venv
 bench: venv
 	$(VENV)/bin/ptq-bench $(ARGS)
 
+# On a CUDA machine: every preset at SAO's shape (integer vs simulated, speed vs bf16/fp16, memory) + one app comparison
+gpu-check: venv
+	$(PY) -m bench.gpu_check --out results/gpu_check.json $(ARGS)
+
 train: venv
 	$(VENV)/bin/ptq-train $(ARGS)
+
+# Stable Audio Open at real scale on a random-weight model of its architecture (~18 min, 9.2 GiB): docs/sao.md
+sao-check: venv
+	$(PY) scripts/sao_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info

@@ -4,7 +4,8 @@ One server, two Gradio apps: the listening test at `/` (a study link, `/?study=I
 nothing else) and the experimenter's console at `/admin`, behind a password (Compare, Studies, Results).
 Layouts live in `lab/ui/`, the work in `lab/`; this file wires them together.
 
-    ptq-lab [--model REPO | --model-config JSON --ckpt-path CKPT] [--quantized FILE] [--host H] [--port N]
+    ptq-lab [--model REPO | --model-config JSON --ckpt-path CKPT] [--quantized FILE] [--calibration-stats FILE]
+            [--host H] [--port N]
 """
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ def parse_args(argv=None, settings: Settings | None = None) -> argparse.Namespac
     parser.add_argument("--model-config", default=settings.model_config, help="local model_config.json")
     parser.add_argument("--ckpt-path", default=settings.ckpt_path, help="local .safetensors or .ckpt")
     parser.add_argument("--quantized", action="append", default=list(settings.quantized_files), metavar="FILE",
-                        help="a quant.save file to serve under its recipe name, no calibration (repeatable)")
+                        help="a quantized model file (ptq-quantize quantize) to serve under its recipe name, no "
+                             "calibration (repeatable)")
+    parser.add_argument("--calibration-stats", type=Path, default=settings.calibration_stats, metavar="FILE",
+                        help="calibration statistics (ptq-quantize calibrate) to quantize with instead of calibrating")
     parser.add_argument("--studies-dir", type=Path, default=settings.studies_dir, help="built studies and ratings")
     parser.add_argument("--admin-password", default=settings.admin_password,
                         help=f"password of the experimenter console at {ADMIN_PATH} (user '{ADMIN_USER}'); "
@@ -93,7 +97,7 @@ def main(argv=None) -> None:
 
     try:
         lab = build_lab(settings, model=args.model, model_config=args.model_config, ckpt_path=args.ckpt_path,
-                        quantized_files=args.quantized)
+                        quantized_files=args.quantized, calibration_stats=args.calibration_stats)
     except ValueError as err:  # ModelLoadError included: a message, not a traceback
         raise SystemExit(f"ptq-lab: error: {err}") from None
     studies = Studies(args.studies_dir, dataset_repo=settings.ratings_dataset,

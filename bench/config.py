@@ -37,7 +37,7 @@ class BenchConfig:
     simulated_reps: int = 1            # the simulated backend is the paper's reference path, not a speed path
     prompts_per_family: int = 1        # fidelity prompts: this many per caption family of demo_model.corpus (6 families)
     max_prompts: int | None = None     # cap on the fidelity prompts (quick mode)
-    calibration_prompts: int = 6       # from assets/calibration_prompts.txt
+    calibration_prompts: int = 12      # spread evenly over assets/calibration_prompts.txt (every caption family)
     steps: int | None = None           # sampler steps; None = the model's generation.json
     seconds: float | None = None       # clip length; None = the model's generation.json
     sensitivity_calls: int = 4         # DiT calls (of a 2-prompt sampling run) replayed per layer in the study

@@ -64,7 +64,13 @@ def fidelity_prompts(per_family: int, limit: int | None = None) -> list[str]:
 
 
 def calibration_prompts(count: int) -> list[str]:
-    return read_prompts(CALIBRATION_PROMPTS)[:count]
+    """`count` prompts spread evenly over assets/calibration_prompts.txt. The file is grouped by caption family:
+    its first lines alone would calibrate on tones only, and static activation scales would then miss the
+    ranges of noise, drums and sweeps."""
+    prompts = read_prompts(CALIBRATION_PROMPTS)
+    if count >= len(prompts):
+        return prompts
+    return [prompts[i * len(prompts) // count] for i in range(count)]
 
 
 def adherence_results(prompts: list[str], audio: np.ndarray, sample_rate: int) -> list[dict]:
@@ -98,15 +104,45 @@ def build_variant(loaded: LoadedModel, row: str | quant.Recipe,
 
 
 def compare(reference: Batch, batch: Batch, sample_rate: int) -> dict:
-    """Audio SNR / log-mel distance per clip (mean over clips) and the per-step relative error of x."""
+    """Audio SNR / log-mel distance per clip (and their mean over clips) and the per-step relative error of x."""
     snrs = [snr_db(torch.from_numpy(r), torch.from_numpy(e)) for r, e in zip(reference.audio, batch.audio)]
     finite = np.isfinite(batch.audio).all()
-    logmel = [log_mel_distance(r, e, sample_rate) for r, e in zip(reference.audio, batch.audio)] if finite else [math.nan]
+    logmel = [log_mel_distance(r, e, sample_rate) for r, e in zip(reference.audio, batch.audio)] if finite \
+        else [math.nan] * len(snrs)
+    snrs = snrs if finite else [math.nan] * len(snrs)
     trajectory = [((q - f).norm() / f.norm().clamp_min(1e-12)).item()
                   for f, q in zip(reference.trajectory, batch.trajectory)]
-    return {"snr_db": float(np.mean(snrs)) if finite else math.nan, "snr_db_min": float(np.min(snrs)) if finite else math.nan,
+    return {"snr_db": float(np.mean(snrs)), "snr_db_min": float(np.min(snrs)),
             "logmel_db": float(np.mean(logmel)), "trajectory_rel_error": float(np.mean(trajectory)),
-            "trajectory_rel_error_per_step": [round(v, 5) for v in trajectory]}
+            "trajectory_rel_error_per_step": [round(v, 5) for v in trajectory],
+            "snr_db_per_clip": [round(float(v), 3) for v in snrs],
+            "logmel_db_per_clip": [round(float(v), 4) for v in logmel]}
+
+
+def caption_family(prompt: str) -> str:
+    """The demo_model.corpus family of a caption ("other" for a prompt outside the corpus grammar)."""
+    from demo_model import corpus
+
+    try:
+        return corpus.parse_caption(prompt).family
+    except ValueError:
+        return "other"
+
+
+def per_family(prompts: list[str], metrics: dict) -> dict[str, dict]:
+    """Mean SNR, log-mel distance and adherence over the clips of each caption family, in corpus order."""
+    from demo_model import corpus
+
+    families = [caption_family(p) for p in prompts]
+    out = {}
+    for family in (*corpus.FAMILIES, "other"):
+        clips = [i for i, f in enumerate(families) if f == family]
+        if clips:
+            out[family] = {"clips": len(clips),
+                           "snr_db": float(np.mean([metrics["snr_db_per_clip"][i] for i in clips])),
+                           "logmel_db": float(np.mean([metrics["logmel_db_per_clip"][i] for i in clips])),
+                           "adherence": 100.0 * float(np.mean([metrics["adherence_per_prompt"][i] for i in clips]))}
+    return out
 
 
 @dataclass
@@ -130,6 +166,7 @@ class FidelityContext:
         metrics["adherence"] = adherence_percent(verdicts)
         metrics["adherence_delta"] = metrics["adherence"] - self.fp_adherence
         metrics["adherence_per_prompt"] = [bool(v["ok"]) for v in verdicts]
+        metrics["per_family"] = per_family(self.prompts, metrics)
         dit = quant.find_dit(model)
         memory = memory_columns(quant.memory_report(copy.deepcopy(dit).to(compute_dtype) if compute_dtype else dit))
         e2e = {"seconds_per_clip": batch.seconds / len(self.prompts),

@@ -1,16 +1,20 @@
 """GPU check: every preset's integer path against its simulated reference, speed against bf16 and fp16, and
-memory, on a random DiT of Stable Audio Open's shape on one CUDA device. Writes one JSON.
+memory, on a random DiT of Stable Audio Open's shape on one CUDA device, then one comparison of the app (the
+embedded demo model, full precision and w8a8-dynamic from the same noise). Writes one JSON.
 
-    python -m bench.gpu_check --out gpu.json [--latent-tokens 256 --cond-tokens 130 --reps 5]
+    python -m bench.gpu_check --out gpu.json [--latent-tokens 256 --cond-tokens 130 --reps 5]   # or: make gpu-check
 
 Short inputs (256 latent tokens, 130 conditioning tokens, CFG batch 2) and few repetitions keep it under
 5 minutes on an H100-class GPU. Every model is fp32 on the GPU unless named bf16/fp16; inputs are built on
-the CPU from a seeded generator and moved with an explicit dtype and device. Exits with status 2 and a
+the CPU from a seeded generator and moved with an explicit dtype and device. Weight-only presets compute in
+bf16 on the GPU (quant.kernels.weight_only_dtype): their integer-vs-simulated agreement is measured with both
+twins under bf16 autocast, so that it compares the kernels, not bf16 against fp32. Exits with status 2 and a
 message on stderr, writing nothing, where CUDA is not available.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -24,6 +28,7 @@ CFG_SCALE = 7.0  # SAO's default: the DiT then runs cond + uncond as one batch o
 T = 0.5
 CALIBRATION_TIMESTEPS = (0.1, 0.35, 0.6, 0.85)
 MIN_SQNR_DB = 40.0  # integer vs simulated on the whole DiT: float rounding only, flips of rare codes included
+APP_RECIPE = "w8a8-dynamic"  # needs no calibration: the app comparison costs two demo clips
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cond-tokens", type=int, default=130)
     parser.add_argument("--reps", type=int, default=5, help="timed forwards per variant (after 2 warm-ups)")
     parser.add_argument("--presets", nargs="*", default=None, help="default: every quant.PRESETS entry")
+    parser.add_argument("--app-recipe", default=APP_RECIPE, help="the app comparison's recipe ('' skips it)")
     return parser.parse_args(argv)
 
 
@@ -76,6 +82,27 @@ def time_forward(model, x, t, kwargs, reps: int) -> dict:
             "max_memory_allocated": torch.cuda.max_memory_allocated(x.device) if cuda else None}
 
 
+def agreement_autocast(device: torch.device, compute_dtype: torch.dtype):
+    """Autocast to `compute_dtype` where a preset's integer path computes in 16 bits (weight-only on bf16 hardware),
+    so that its simulated twin rounds alike; otherwise nothing."""
+    if compute_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=compute_dtype)
+
+
+def app_comparison(lab, recipe: str = APP_RECIPE, steps: int | None = None) -> dict:
+    """One comparison of the app's engine `lab` (`lab.comparison.build_lab`): `Lab.compare` end to end (clips,
+    figures, wav files) and the two clips' generation times, at the model's sampler defaults (`steps` fewer)."""
+    from bench.app_timing import clip_times, default_request
+
+    request = default_request(lab, steps=steps)
+    started = time.perf_counter()
+    view = lab.compare(request, recipe, lab.default_layer())  # first call: quantizes and prepares the weights
+    first = time.perf_counter() - started
+    return {"recipe": recipe, "model": lab.loaded.model_id, "steps": request.steps, "compare_first_call_s": first,
+            "summary": view.summary.splitlines()[0], **clip_times(lab, recipe, request)}
+
+
 def free() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -86,7 +113,7 @@ def run(args: argparse.Namespace, device: torch.device | str = "cuda", shape: di
     """The whole check on `device` (a CUDA device; "cpu" with a tiny `shape` only for the test's dry run)."""
     import quant
     from lab import sat
-    from quant.kernels import kernel_name
+    from quant.kernels import kernel_name, weight_only_dtype, weight_only_kernel_name
     from quant.primitives import sqnr
 
     device = torch.device(device)
@@ -100,6 +127,7 @@ def run(args: argparse.Namespace, device: torch.device | str = "cuda", shape: di
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "capability": list(torch.cuda.get_device_capability(device)) if cuda else None,
         "torch": torch.__version__, "cuda": torch.version.cuda, "kernel": kernel_name(device),
+        "weight_only_kernel": weight_only_kernel_name(device),
         "shape": {"latent_tokens": args.latent_tokens, "cond_tokens": args.cond_tokens, "batch": 2,
                   "cfg_scale": CFG_SCALE, "t": T, "reps": args.reps},
         "float": {}, "presets": {}, "errors": {},
@@ -128,7 +156,9 @@ def run(args: argparse.Namespace, device: torch.device | str = "cuda", shape: di
             simulated = copy.deepcopy(integer)
             for layer in quant.quantized_layers(simulated).values():
                 layer.recipe = layer.recipe.replace(backend="simulated")
-            with torch.no_grad():
+            compute_dtype = torch.float32 if recipe.quantizes_activations else \
+                weight_only_dtype("resident", device, torch.float32)
+            with torch.no_grad(), agreement_autocast(device, compute_dtype):
                 y_sim = simulated(x, t, **kwargs).float()
                 del simulated
                 free()
@@ -136,6 +166,7 @@ def run(args: argparse.Namespace, device: torch.device | str = "cuda", shape: di
             timing = time_forward(integer, x, t, kwargs, args.reps)
             report = quant.memory_report(integer)
             row = {
+                "compute_dtype": str(compute_dtype).removeprefix("torch."),
                 "sqnr_integer_vs_simulated_db": sqnr(y_sim, y_int),
                 "sqnr_integer_vs_fp32_db": sqnr(reference, y_int),
                 **timing,
@@ -166,6 +197,18 @@ def main(argv=None) -> int:
               file=sys.stderr)
         raise SystemExit(2)
     result = run(args)
+    if args.app_recipe:
+        started = time.perf_counter()
+        try:
+            from lab.comparison import build_lab
+            from lab.settings import Settings
+
+            result["app"] = app_comparison(build_lab(Settings.from_env()), args.app_recipe)
+        except Exception as error:  # the preset figures above are kept
+            result["errors"]["app"] = f"{type(error).__name__}: {error}"
+            result["all_agree"] = False
+        result["seconds"] += time.perf_counter() - started
+        print(f"app comparison: {result.get('app', result['errors'].get('app'))}", flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.out} in {result['seconds']:.0f} s; all presets agree: {result['all_agree']}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from quant.kernels import kernel_name
+from quant.kernels import kernel_name, weight_only_kernel_name
 
 
 def machine_info() -> dict:
@@ -29,7 +29,8 @@ def machine_info() -> dict:
     return {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "isa": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"}),
             "memory_gib": memory_gib, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "int8_kernel": kernel_name(torch.device("cpu"))}
+            "platform": platform.platform(), "int8_kernel": kernel_name(torch.device("cpu")),
+            "weight_only_kernel": weight_only_kernel_name(torch.device("cpu"))}
 
 
 def load_average() -> list[float]:
@@ -48,3 +49,16 @@ def median_seconds(fn, reps: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+@torch.no_grad()
+def interleaved_median_seconds(fns: dict, reps: int) -> dict[str, float]:
+    """Median wall time of each `fns[name]()` over `reps` rounds of one call each (warm-ups are the caller's):
+    on a shared machine a busy moment then slows the calls of one round alike, and their ratio holds."""
+    times = {name: [] for name in fns}
+    for _ in range(max(1, reps)):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}

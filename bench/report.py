@@ -79,6 +79,7 @@ def markdown_report(results: dict) -> str:
     for t in results["targets"]:
         lines.append(f"| {t['target']} | {_fmt(t['value'], '.3f')} | {t['op']} {t['threshold']} | "
                      f"{'**miss**' if t['result'] == 'miss' else t['result']} |")
+    lines += _fidelity_detail_markdown(rows)
     lines += _studies_markdown(results)
     lines += ["", "## CLAP / FAD", "", results.get("clap", {}).get("status", "not run")]
     if results.get("clap", {}).get("rows"):
@@ -87,6 +88,36 @@ def markdown_report(results: dict) -> str:
                   for row, v in results["clap"]["rows"].items()]
     lines += ["", "## Notes", ""] + [f"- {note}" for note in results["notes"]]
     return "\n".join(lines) + "\n"
+
+
+CURVE_POINTS = 10  # sampler steps shown per row in the per-step error table (the JSON keeps every step)
+
+
+def _fidelity_detail_markdown(rows: dict) -> list[str]:
+    """SNR per caption family, and the relative error of x along the sampler's steps, for every row measured."""
+    measured = {name: row["fidelity"] for name, row in rows.items()
+                if name != "fp32" and row.get("fidelity", {}).get("per_family")}
+    if not measured:
+        return []
+    families = list(dict.fromkeys(f for fid in measured.values() for f in fid["per_family"]))
+    lines = ["", "## Fidelity per caption family (audio SNR vs FP, dB; mean over the family's clips)", "",
+             "| row | " + " | ".join(families) + " | worst |", "|---|" + "---:|" * (len(families) + 1)]
+    for name, fid in measured.items():
+        snrs = [fid["per_family"].get(f, {}).get("snr_db") for f in families]
+        finite = [v for v in snrs if v is not None and math.isfinite(v)]
+        lines.append(f"| {name} | " + " | ".join(_fmt(v, ".1f") for v in snrs)
+                     + f" | {_fmt(min(finite) if finite else None, '.1f')} |")
+    steps = max(len(fid.get("trajectory_rel_error_per_step", [])) for fid in measured.values())
+    if steps:
+        shown = sorted({round(i * (steps - 1) / (CURVE_POINTS - 1)) for i in range(min(CURVE_POINTS, steps))})
+        lines += ["", "## Per-step error (relative error |x_q - x_fp| / |x_fp| of the sampler state; step 1 = "
+                      "noisiest; every step in results.json and the chart)", "",
+                  "| row | " + " | ".join(str(i + 1) for i in shown) + " |", "|---|" + "---:|" * len(shown)]
+        for name, fid in measured.items():
+            curve = fid.get("trajectory_rel_error_per_step", [])
+            lines.append(f"| {name} | " + " | ".join(_fmt(curve[i] if i < len(curve) else None, ".4f")
+                                                       for i in shown) + " |")
+    return lines
 
 
 def _shape_text(config: dict) -> str:

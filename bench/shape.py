@@ -2,7 +2,8 @@
 
 Memory: the DiT is built on the meta device (no storage) and quantized there, so `quant.memory_report` gives
 the bytes exactly, in a second. Speed: one DiT forward with random weights (`cfg.latent_tokens` latent tokens +
-`cfg.cond_tokens` conditioning tokens, CFG batch 2), integer and simulated backends, median of `cfg.reps`.
+`cfg.cond_tokens` conditioning tokens, CFG batch 2), integer and simulated backends, median of `cfg.reps`; each
+recipe's integer forwards alternate with fp32 forwards, so that its speed-up is a ratio of times measured together.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 
 import quant
 from bench.config import FLOAT_ROWS, SAO_CFG_SCALE, BenchConfig, as_recipe, with_progress
-from bench.machine import median_seconds
+from bench.machine import interleaved_median_seconds, median_seconds
 from lab import sat
 
 
@@ -58,7 +59,8 @@ def forward_inputs(shape: dict, latent_tokens: int, cond_tokens: int, seed: int 
 
 
 def speed_at_shape(cfg: BenchConfig):
-    """Yield (row, seconds) per row: {"float_s"} for fp32/bf16, {"integer_s", "simulated_s"} for recipes.
+    """Yield (row, seconds) per row: {"float_s"} for fp32/bf16; for recipes {"integer_s", "fp32_paired_s"} (the
+    median fp32 forward of the rounds interleaved with the integer ones) and, for W8A8, "simulated_s".
 
     One random DiT of cfg.dit_shape is built once; each row quantizes a copy of it, is timed, and is freed
     before the next (an fp32 SAO DiT is 4 GiB)."""
@@ -67,6 +69,11 @@ def speed_at_shape(cfg: BenchConfig):
 
     def seconds(model, reps):
         return median_seconds(lambda: model(x, t, **kwargs), reps)
+
+    def paired_with_fp32(model, reps):
+        model(x, t, **kwargs)  # warm-up: prepares the integer weights
+        return interleaved_median_seconds({"integer_s": lambda: model(x, t, **kwargs),
+                                           "fp32_paired_s": lambda: dit(x, t, **kwargs)}, reps)
 
     short_x, _, short_kwargs = forward_inputs(cfg.dit_shape, min(32, cfg.latent_tokens), cfg.cond_tokens, seed=1)
     stats = quant.calibrate(dit, lambda: [dit(short_x, torch.tensor([ti]), **short_kwargs)
@@ -78,9 +85,10 @@ def speed_at_shape(cfg: BenchConfig):
             float_runs[row] = [seconds(variant_of_dit(dit, row, stats), cfg.reps)]
             timing = {"float_s": float_runs[row][0]}
         else:
-            timing = {f"{backend}_s": seconds(variant_of_dit(dit, as_recipe(row).replace(backend=backend), stats),
-                                              cfg.reps if backend == "integer" else cfg.simulated_reps)
-                      for backend in timed_backends(row)}
+            timing = paired_with_fp32(variant_of_dit(dit, as_recipe(row).replace(backend="integer"), stats), cfg.reps)
+            if "simulated" in timed_backends(row):
+                timing["simulated_s"] = seconds(variant_of_dit(dit, as_recipe(row).replace(backend="simulated"), stats),
+                                                cfg.simulated_reps)
         gc.collect()
         yield row, timing
     # The baselines again at the end: on a shared machine a busy moment can slow one measurement, and the

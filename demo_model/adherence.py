@@ -14,11 +14,15 @@ One check per family (the caption is parsed with `demo_model.corpus.parse_captio
   exceed `MIN_SWEEP_OCT_PER_S`.
 
 The level word (soft/loud) is measured and reported as `level_ok`, but `ok` judges the family's attribute.
+Every clip is also checked for the latent frame-rate buzz (`buzz`): its strongest spectral line sits on a
+multiple of the latent frame rate (sample rate / hop = 62.5 Hz), where a latent that repeats frame after
+frame puts its energy, and the caption does not ask for that pitch.
 
     ptq-adherence                       # generate with the demo model and print the table (= python -m demo_model.adherence)
     ptq-adherence --set held-out        # the combinations never seen in training
     ptq-adherence --set ground-truth    # the corpus's own audio: how far the checks can be trusted
     ptq-adherence --prompts assets/calibration_prompts.txt --override '{"cfg_scale": 3}'
+    ptq-adherence --set eval --sampler v-ddim dpmpp-3m-sde --cfg 1.5 5   # every sampler x CFG, then a family x setting table
     ptq-adherence --model-config run/model_config.json --ckpt-path run/model.safetensors --json out.json
 """
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from demo_model import corpus
+from demo_model.config import HOP
 from lab.resources import read_prompts
 
 if TYPE_CHECKING:  # lab.sat imports torch: the evaluator itself does without
@@ -46,6 +51,9 @@ MAX_TONAL_DB = 12.0
 MIN_SWEEP_OCT_PER_S = 0.5
 SILENCE_RMS = 1e-4
 NOISE_SLOPES = {"white": 0.0, "pink": -1.0, "brown": -2.0}
+FRAME_RATE_HZ = corpus.SAMPLE_RATE / HOP  # the demo model's latent frame rate
+BUZZ_TOLERANCE_HZ = 0.5  # about the frequency resolution of a 2 s clip
+MIN_LINE_DB = 15.0
 
 
 def _mono(audio, sr: int) -> np.ndarray:
@@ -159,19 +167,59 @@ def check_sweep(y: np.ndarray, sr: int, direction: str) -> dict:
     return {"ok": detected == direction, "detected": detected, "octaves_per_s": round(slope, 2)}
 
 
+def strongest_line(y: np.ndarray, sr: int, frame_rate: float) -> tuple[float, float]:
+    """(frequency, prominence in dB) of the clip's strongest spectral peak above 20 Hz: Hann window, 4x zero
+    padding, parabolic interpolation of the log power (a fraction of a bin); prominence over the median power
+    within half a frame rate either side."""
+    n = 4 * len(y)
+    power = np.abs(np.fft.rfft(y * np.hanning(len(y)), n)) ** 2
+    lowest = math.ceil(20 * n / sr)
+    k = lowest + int(np.argmax(power[lowest:-1]))
+    left, centre, right = np.log(power[k - 1:k + 2] + 1e-30)
+    curvature = left - 2 * centre + right
+    shift = 0.5 * (left - right) / curvature if curvature < 0 else 0.0
+    half_width = int(frame_rate / 2 * n / sr)
+    floor = np.median(power[max(k - half_width, 0):k + half_width + 1])
+    return (k + shift) * sr / n, float(10 * np.log10(power[k] / (floor + 1e-30)))
+
+
+def asked_pitches_hz(caption: corpus.Caption) -> list[float]:
+    """Fundamentals the caption asks for: a tone's or pluck's note, a chord's three notes; none otherwise."""
+    if caption.family in ("tone", "pluck"):
+        return [corpus.midi_to_hz(corpus.name_to_midi(caption.note))]
+    if caption.family == "chord":
+        root = corpus.name_to_midi(caption.note)
+        return [corpus.midi_to_hz(root + interval) for interval in corpus.CHORD_INTERVALS[caption.quality]]
+    return []
+
+
+def check_buzz(y: np.ndarray, sr: int, caption: corpus.Caption, frame_rate: float = FRAME_RATE_HZ) -> dict:
+    """Is the strongest spectral peak a line on a multiple of the latent frame rate, at no pitch the caption asks
+    for (+-1 semitone)? A latent that is the same in every frame decodes to a waveform that repeats every hop:
+    lines at exactly those multiples, a buzz pitched at the frame rate. A line stands `MIN_LINE_DB` over its
+    neighbourhood; the strongest peak of noise does not (at most 13.2 dB on the evaluation sets' noise)."""
+    peak, prominence = strongest_line(y, sr, frame_rate)
+    harmonic = round(peak / frame_rate)
+    on_multiple = harmonic >= 1 and abs(peak - harmonic * frame_rate) <= BUZZ_TOLERANCE_HZ
+    asked = any(abs(_semitones(peak, f)) <= PITCH_TOLERANCE_SEMITONES for f in asked_pitches_hz(caption))
+    return {"buzz": bool(on_multiple and prominence >= MIN_LINE_DB and not asked), "peak_hz": round(peak, 2),
+            "peak_db": round(prominence, 1)}
+
+
 def measured_level(y: np.ndarray, family: str) -> str | None:
     """The level word whose gain is nearest (in dB) to the clip's peak (or its RMS, for noise)."""
     gain = y.std() / corpus.NOISE_RMS_PER_GAIN if family == "noise" else np.abs(y).max()
     return min(corpus.LEVEL_GAIN, key=lambda level: abs(math.log(corpus.LEVEL_GAIN[level] / max(gain, 1e-9))))
 
 
-def evaluate(prompt: str, audio, sr: int) -> dict:
-    """Check one clip against its caption: {"prompt", "family", "ok", "level_ok", ...family details}."""
+def evaluate(prompt: str, audio, sr: int, frame_rate: float = FRAME_RATE_HZ) -> dict:
+    """Check one clip against its caption: {"prompt", "family", "ok", "level_ok", "buzz", ...family details}.
+    `frame_rate`: the latent frame rate of the model that made the clip (sample rate / hop)."""
     caption = corpus.parse_caption(prompt)
     y = _mono(audio, sr)
     result = {"prompt": prompt, "family": caption.family}
     if np.sqrt(np.mean(y**2)) < SILENCE_RMS:
-        return {**result, "ok": False, "level_ok": False, "silent": True}
+        return {**result, "ok": False, "level_ok": False, "buzz": False, "silent": True}
     if caption.family in ("tone", "pluck"):
         details = check_pitch(y, sr, caption.note)
     elif caption.family == "chord":
@@ -183,30 +231,45 @@ def evaluate(prompt: str, audio, sr: int) -> dict:
     else:
         details = check_sweep(y, sr, caption.direction)
     level = measured_level(y, caption.family)
-    return {**result, **details, "level": level, "level_ok": level == caption.level}
+    return {**result, **details, "level": level, "level_ok": level == caption.level,
+            **check_buzz(y, sr, caption, frame_rate)}
 
 
-def evaluate_many(pairs: Iterable[tuple[str, object]], sr: int) -> list[dict]:
+def evaluate_many(pairs: Iterable[tuple[str, object]], sr: int, frame_rate: float = FRAME_RATE_HZ) -> list[dict]:
     """`evaluate` over (prompt, audio) pairs, e.g. the FP model's clips or a quantized recipe's."""
-    return [evaluate(prompt, audio, sr) for prompt, audio in pairs]
+    return [evaluate(prompt, audio, sr, frame_rate) for prompt, audio in pairs]
 
 
 def accuracy_by_family(results: list[dict]) -> dict[str, dict]:
-    """{family: {"n", "ok", "accuracy", "level_accuracy"}} plus "all", families in corpus order."""
+    """{family: {"n", "ok", "accuracy", "level_accuracy", "buzz"}} plus "all", families in corpus order."""
     table = {}
     for family in (*corpus.FAMILIES, "all"):
         rows = [r for r in results if family in ("all", r["family"])]
         if rows:
             ok = sum(r["ok"] for r in rows)
             table[family] = {"n": len(rows), "ok": ok, "accuracy": ok / len(rows),
-                             "level_accuracy": sum(r["level_ok"] for r in rows) / len(rows)}
+                             "level_accuracy": sum(r["level_ok"] for r in rows) / len(rows),
+                             "buzz": sum(r["buzz"] for r in rows)}
     return table
 
 
 def format_table(results: list[dict]) -> str:
-    lines = [f"{'family':<8} {'n':>4} {'ok':>4} {'accuracy':>9} {'level':>6}"]
+    lines = [f"{'family':<8} {'n':>4} {'ok':>4} {'accuracy':>9} {'level':>6} {'buzz':>5}"]
     for family, row in accuracy_by_family(results).items():
-        lines.append(f"{family:<8} {row['n']:>4} {row['ok']:>4} {row['accuracy']:>8.0%} {row['level_accuracy']:>6.0%}")
+        lines.append(f"{family:<8} {row['n']:>4} {row['ok']:>4} {row['accuracy']:>8.0%} {row['level_accuracy']:>6.0%} "
+                     f"{row['buzz']:>5}")
+    return "\n".join(lines)
+
+
+def sweep_table(results: dict[str, list[dict]]) -> str:
+    """Markdown: one row per family (then all, then buzzing clips), one column per sampler setting; cells ok / n."""
+    tables = {label: accuracy_by_family(rows) for label, rows in results.items()}
+    families = [f for f in (*corpus.FAMILIES, "all") if any(f in table for table in tables.values())]
+    lines = ["| family | " + " | ".join(tables) + " |", "|---|" + "---|" * len(tables)]
+    for family in families:
+        cells = [f"{t[family]['ok']} / {t[family]['n']}" if family in t else "" for t in tables.values()]
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    lines.append("| buzzing clips | " + " | ".join(str(t["all"]["buzz"]) for t in tables.values()) + " |")
     return "\n".join(lines)
 
 
@@ -261,6 +324,17 @@ def parse_override(text: str) -> dict:
     return changes
 
 
+def sweep_changes(samplers: list[str] | None, cfg_scales: list[float] | None, override: dict) -> list[dict]:
+    """The sampler-setting changes of every sampler x CFG scale (None: generation.json's), each with `override`;
+    ValueError for a sampler the app does not offer."""
+    from lab.generation import SAMPLERS
+
+    if unknown := sorted(set(samplers or ()) - set(SAMPLERS)):
+        raise ValueError(f"--sampler: unknown {', '.join(unknown)}; the samplers are {', '.join(SAMPLERS)}")
+    return [{**override, "sampler_type": sampler, "cfg_scale": cfg}
+            for sampler in samplers or [override.get("sampler_type")] for cfg in cfg_scales or [override.get("cfg_scale")]]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptq-adherence", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -273,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1000, help="clip i uses seed + i (default 1000)")
     parser.add_argument("--override", default="{}",
                         help='JSON object overriding generation.json, e.g. \'{"cfg_scale": 3, "steps": 20}\'')
+    parser.add_argument("--sampler", nargs="+", metavar="NAME",
+                        help="sampler(s) to sweep, e.g. v-ddim dpmpp-3m-sde (default: generation.json's); the "
+                             "noise schedule is generation.json's (or --override's) for every one")
+    parser.add_argument("--cfg", nargs="+", type=float, metavar="SCALE",
+                        help="CFG scale(s) to sweep (default: generation.json's); every sampler x every scale")
     parser.add_argument("--json", metavar="FILE", help="write the per-clip results to this file")
     return parser
 
@@ -294,27 +373,45 @@ def main(argv: list[str] | None = None) -> None:
         if args.set in sets:
             sets = {args.set: sets[args.set]}
     loaded = None
-    if args.set != "ground-truth":
+    if args.set == "ground-truth":
+        if args.sampler or args.cfg:
+            parser.error("--sampler and --cfg need a model: ground-truth checks the corpus's own audio")
+        runs = {"corpus": None}
+    else:
         from lab.sat import ModelLoadError, load_model
 
         try:
-            changes = parse_override(args.override)  # before the model loads
+            changes = sweep_changes(args.sampler, args.cfg, parse_override(args.override))  # before the model loads
             loaded = load_model(model_config=args.model_config, ckpt_path=args.ckpt_path)
         except (ValueError, ModelLoadError) as err:
             parser.error(str(err))
-        settings = loaded.sampling.replace(**changes)  # generation.json, as loaded, then --override
-        print(f"{loaded.model_id}: {settings}")
-    all_results = {}
-    for name, prompts in sets.items():
-        started = time.time()
-        if loaded is None:
-            clips, sr = [corpus.synthesize(p, seed=args.seed + i) for i, p in enumerate(prompts)], corpus.SAMPLE_RATE
-        else:
-            clips = generate(loaded.model, prompts, seed=args.seed, settings=settings, sample_size=loaded.sample_size)
-            sr = loaded.sample_rate
-        all_results[name] = evaluate_many(zip(prompts, clips), sr)
-        print(f"\n== {name}: {len(prompts)} prompts, {time.time() - started:.0f} s")
-        print(format_table(all_results[name]))
+        settings = [loaded.sampling.replace(**change) for change in changes]  # generation.json, then the changes
+        runs = {f"{s.sampler_type} CFG {s.cfg_scale:g}": s for s in settings}
+        print(f"{loaded.model_id}: {'; '.join(str(s) for s in settings)}")
+    all_results = {name: [] for name in sets}
+    by_run = {name: {} for name in sets}
+    for label, settings in runs.items():
+        for name, prompts in sets.items():
+            started = time.time()
+            if loaded is None:
+                clips = [corpus.synthesize(p, seed=args.seed + i) for i, p in enumerate(prompts)]
+                sr, frame_rate = corpus.SAMPLE_RATE, FRAME_RATE_HZ
+            else:
+                clips = generate(loaded.model, prompts, seed=args.seed, settings=settings,
+                                 sample_size=loaded.sample_size)
+                # one DiT token per hop: a latent that repeats token after token repeats at this rate
+                sr, frame_rate = loaded.sample_rate, loaded.sample_rate / int(loaded.model.min_input_length)
+            results = evaluate_many(zip(prompts, clips), sr, frame_rate)
+            if settings is not None:
+                results = [{**r, "sampler_type": settings.sampler_type, "cfg_scale": settings.cfg_scale}
+                           for r in results]
+            by_run[name][label] = results
+            all_results[name] += results
+            print(f"\n== {name}, {label}: {len(prompts)} prompts, {time.time() - started:.0f} s")
+            print(format_table(results))
+    if len(runs) > 1:
+        for name, results in by_run.items():
+            print(f"\n{name}:\n\n{sweep_table(results)}")
     if args.json:
         Path(args.json).write_text(json.dumps(all_results, indent=1, default=str))
 

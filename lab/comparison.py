@@ -25,6 +25,7 @@ from lab.sat import LoadedModel, load_model
 from lab.settings import Settings
 
 OUTPUT_MAX_AGE_S = 3600  # generated WAVs older than this are deleted on the next write
+PART_NAMES = {"conditioner": "conditioners", "pretransform": "autoencoder"}  # SAT's attribute -> what it is
 
 
 @dataclass
@@ -50,7 +51,9 @@ class Lab:
         self.layers = linear_layer_names(loaded.model)
 
     def warm_up(self) -> None:
-        """One short FP generation, so lazy initialisation does not land in the first comparison's timing."""
+        """One short FP generation, so lazy initialisation does not land in the first comparison's timing, and
+        one DiT forward timed at calibration's length, so the console can say what calibrating costs."""
+        self.quantized.measure_speed()
         sampling = self.loaded.sampling
         request = GenerationRequest(prompt="warm up", seconds=0.5, steps=2, cfg_scale=1.0, seed=0,
                                     sigma_min=sampling.sigma_min, sigma_max=sampling.sigma_max)
@@ -67,12 +70,20 @@ class Lab:
         return ff_out[len(ff_out) // 2] if ff_out else self.layers[0]
 
     def compare(self, request: GenerationRequest, recipe_name: str, layer: str | None = None,
-                on_clip=None) -> ComparisonView:
+                on_clip=None, decode_steps: int = 0) -> ComparisonView:
+        """One comparison. A recipe whose calibration has not run is refused with its cost: calibrating is an
+        action of its own (`calibrate`), never a side effect of a comparison. `decode_steps`: see
+        `generate_pair`."""
         request.validate(max_seconds=self.max_seconds)  # before any model is quantized: a bad request costs nothing
         if layer is not None and layer not in self.layers:
             raise ValueError(f"Unknown layer {layer!r}; pick one of the DiT's linear layers.")
+        if not self.quantized.ready(recipe_name):
+            raise ValueError(f"{recipe_name} needs calibration statistics first: {self.quantized.calibration_cost()}. "
+                             f"Press Calibrate (other generations go on meanwhile), or pick a method that needs "
+                             f"none (dynamic).")
         quantized_model, recipe = self.quantized.get(recipe_name)
-        pair = generate_pair(self.loaded, quantized_model, request, trace_layer=layer, on_clip=on_clip)
+        pair = generate_pair(self.loaded, quantized_model, request, trace_layer=layer, on_clip=on_clip,
+                             decode_steps=decode_steps)
         fp_wav, q_wav = self._write_pair(pair, f"{uuid.uuid4().hex[:12]}_full-precision",
                                          f"{uuid.uuid4().hex[:12]}_quantized")
         fp, q = pair.full_precision, pair.quantized
@@ -90,6 +101,35 @@ class Lab:
             activation_heatmap=activation_heatmap, activation_steps=activation_steps,
             channel_outliers=channel_outliers)
 
+    def calibration_status(self, recipe_name: str) -> str:
+        """What comparing `recipe_name` needs before it can run, in one line of markdown."""
+        recipe = quant.get_recipe(recipe_name)
+        if recipe.name in self.quantized.served:
+            return f"`{recipe.name}` is served from a pre-quantized file: no calibration."
+        if not recipe.needs_calibration:
+            return f"`{recipe.name}` needs no calibration."
+        if self.quantized.ready(recipe.name):
+            return f"`{recipe.name}`: calibration statistics are ready."
+        return (f"`{recipe.name}` needs calibration first: {self.quantized.calibration_cost()}. Press **Calibrate** "
+                f"(other generations go on meanwhile).")
+
+    def default_recipe(self) -> quant.Recipe:
+        """The Compare tab's first choice: a served file's recipe, else W8A8 SQD when it needs no calibration run,
+        else W8A8 dynamic (never a calibration started by a default click)."""
+        if self.quantized.served:
+            return quant.get_recipe(self.quantized.served[0])
+        return quant.get_recipe("w8a8-sqd" if self.quantized.ready("w8a8-sqd") else "w8a8-dynamic")
+
+    def calibrate(self) -> str:
+        """Compute (or load) the calibration statistics every calibrated recipe starts from; says what ran."""
+        if self.quantized.stats_ready:
+            self.quantized.calibration_stats()
+            return "Calibration statistics are ready: every calibrated recipe can be compared."
+        started = time.perf_counter()
+        self.quantized.calibration_stats()
+        return (f"Calibrated in {time.perf_counter() - started:.0f} s ({self.quantized.plan.describe()}): every "
+                f"calibrated recipe can be compared.")
+
     def _write_pair(self, pair: PairResult, fp_name: str, q_name: str) -> tuple[Path, Path]:
         _prune(self.output_dir, OUTPUT_MAX_AGE_S)
         fp_audio, q_audio = loudness_match([pair.full_precision.audio, pair.quantized.audio], pair.sample_rate)
@@ -101,14 +141,19 @@ class Lab:
         memory = quant.memory_report(quantized_model)
         waveform_snr = snr_db(torch.from_numpy(pair.full_precision.audio), torch.from_numpy(pair.quantized.audio))
         space = "latent" if getattr(self.loaded.model, "pretransform", None) is not None else "model-space"
+        dit = quant.find_dit(quantized_model)
+        others = [f"{PART_NAMES.get(name, name)} {nbytes / 2**20:.1f} MiB" for name, nbytes in memory.parts.items()
+                  if not any(module is dit for module in getattr(quantized_model, name).modules())]
         lines = [
             f"**Full precision:** {pair.full_precision.seconds_taken:.2f} s · "
             f"**Quantized** (`{recipe.name}`, {precision} {method}): {pair.quantized.seconds_taken:.2f} s",
             f"Seed {pair.request.seed} · waveform SNR {waveform_snr:.1f} dB · {space} SNR of the last denoised "
-            f"estimate {pair.step_snr_db[-1]:.1f} dB · log-mel distance {pair.step_logmel_db[-1]:.2f} dB",
+            f"estimate {pair.step_snr_db[-1]:.1f} dB · log-mel distance {pair.logmel_db:.2f} dB",
             f"DiT linear layers: {memory.linear_bytes / 2**20:.2f} MiB stored vs "
             f"{memory.linear_fp32_bytes / 2**20:.2f} MiB in fp32 ({memory.ratio_fp32:.0%}); "
             f"{memory.resident_linear_bytes / 2**20:.2f} MiB resident with the kernel's run-time weight copies",
+            f"The quantized model holds its DiT ({quant.memory_report(dit).model_bytes / 2**20:.1f} MiB) and shares "
+            f"the rest with the full-precision model: " + ", ".join(others) if others else "",
         ]
         return "\n\n".join(line for line in lines if line)
 
@@ -133,13 +178,18 @@ def _prune(folder: Path, max_age_s: float) -> None:
             pass  # removed by a concurrent prune
 
 
-def build_lab(settings: Settings, *, model=None, model_config=None, ckpt_path=None, quantized_files=()) -> Lab:
-    """The engine the app serves: the model and its quantized-model cache (with any pre-quantized files)."""
+def build_lab(settings: Settings, *, model=None, model_config=None, ckpt_path=None, quantized_files=(),
+              calibration_stats=None) -> Lab:
+    """The engine the app serves: the model and its quantized-model cache (with any pre-quantized files and
+    calibration statistics; `calibration_stats` overrides the settings' file)."""
     loaded = load_model(model, model_config=model_config, ckpt_path=ckpt_path,
                         device="cuda" if torch.cuda.is_available() else "cpu")
     quantized = QuantizedModels(loaded, cache_dir=settings.cache_dir,
                                 calibration_prompts=read_prompts(settings.calibration_prompts),
+                                calibration_count=settings.calibration_count,
                                 calibration_steps=settings.calibration_steps,
+                                calibration_seconds=settings.calibration_seconds,
+                                calibration_stats=calibration_stats or settings.calibration_stats,
                                 max_models=settings.max_quantized_models)
     for path in quantized_files:
         quantized.add_saved(path)

@@ -46,17 +46,22 @@ def spectrogram_figure(full_precision: np.ndarray, quantized: np.ndarray, sample
 
 
 def step_metrics_figure(snr_db: np.ndarray, logmel_steps: np.ndarray, logmel_db: np.ndarray) -> go.Figure:
-    """Per denoising step: SNR of the quantized denoised estimate vs FP, and the log-mel distance."""
+    """Per denoising step: SNR of the quantized denoised estimate vs FP, and the log-mel distance of the decoded
+    estimates at the steps that were decoded (none: the SNR alone, and the title says how to get the rest)."""
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(go.Scatter(x=np.arange(1, len(snr_db) + 1), y=snr_db, mode="lines+markers",
                              name="SNR of the denoised estimate, model space (dB, higher = closer)"),
                   secondary_y=False)
-    fig.add_trace(go.Scatter(x=np.asarray(logmel_steps) + 1, y=logmel_db, mode="lines+markers",
-                             name="log-mel distance of the decoded estimates (dB, lower = closer)"),
-                  secondary_y=True)
+    if len(logmel_steps):
+        fig.add_trace(go.Scatter(x=np.asarray(logmel_steps) + 1, y=logmel_db, mode="lines+markers",
+                                 name="log-mel distance of the decoded estimates (dB, lower = closer)"),
+                      secondary_y=True)
+        fig.update_yaxes(title_text="log-mel distance (dB)", secondary_y=True)
+    else:
+        fig.update_layout(title=dict(text="per-step log-mel distance: tick “decode per-step estimates”",
+                                     font=dict(size=12)))
     fig.update_xaxes(title_text="denoising step")
     fig.update_yaxes(title_text="SNR (dB)", secondary_y=False)
-    fig.update_yaxes(title_text="log-mel distance (dB)", secondary_y=True)
     fig.update_layout(height=340, margin=dict(l=50, r=50, t=70, b=40),
                       legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
     return fig

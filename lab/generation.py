@@ -3,8 +3,9 @@
 stable-audio-tools' `generate_diffusion_cond` calls `torch.manual_seed(seed)` right before drawing the initial
 noise (and the SDE samplers draw their Brownian-tree seed from the same generator), so two runs with the same
 seed start from identical noise: every difference between the clips is the quantization's doing. Along the
-way the sampler callback records each step's denoised estimate (-> per-step SNR and log-mel distance) and
-forward pre-hooks record the input activations of one chosen DiT layer at every denoising step.
+way the sampler callback records each step's denoised estimate (-> per-step SNR in the sampler's space; a
+log-mel distance per step only when asked, since it decodes) and forward pre-hooks record the input activations
+of one chosen DiT layer at every denoising step.
 """
 from __future__ import annotations
 
@@ -134,8 +135,9 @@ class PairResult:
     sample_rate: int
     full_precision: Clip
     quantized: Clip
-    step_snr_db: np.ndarray  # (steps,) SNR of the quantized denoised estimate against the FP one
-    step_logmel_steps: np.ndarray  # which steps the log-mel distance was computed at
+    step_snr_db: np.ndarray  # (steps,) SNR of the quantized denoised estimate against the FP one (model space)
+    logmel_db: float  # mean |log-mel difference| in dB of the two clips
+    step_logmel_steps: np.ndarray  # the steps whose estimates were decoded (none unless asked for)
     step_logmel_db: np.ndarray  # mean |log-mel difference| in dB of the decoded estimates at those steps
 
 
@@ -167,11 +169,14 @@ def generate_clip(model: torch.nn.Module, loaded: LoadedModel, request: Generati
 
 
 def generate_pair(loaded: LoadedModel, quantized_model: torch.nn.Module, request: GenerationRequest, *,
-                  trace_layer: str | None = None, max_decoded_steps: int = 25,
+                  trace_layer: str | None = None, decode_steps: int = 0,
                   on_clip: Callable[[str], None] | None = None) -> PairResult:
     """Generate `request` with the FP model and `quantized_model` from the same noise, and compare them.
 
-    `on_clip("full precision" | "quantized")` is called before each clip (for progress messages).
+    Per-step error is measured where the sampler works (latents for SAO), which costs nothing; `decode_steps`
+    > 0 also decodes both models' estimates at that many evenly spaced steps for a per-step log-mel distance
+    (two decodes each: on SAO that costs more than the generations). `on_clip("full precision" | "quantized")`
+    is called before each clip (for progress messages).
     """
     request.validate(max_seconds=loaded.sample_size / loaded.sample_rate)
     clips = {}
@@ -182,13 +187,14 @@ def generate_pair(loaded: LoadedModel, quantized_model: torch.nn.Module, request
         with torch.no_grad():
             clips[name] = generate_clip(model, loaded, request, trace_layer=trace_layer, quantized=is_quantized)
     fp, q = clips["full precision"], clips["quantized"]
-    steps = _evenly_spaced(len(fp.denoised), max_decoded_steps)
+    steps = _evenly_spaced(len(fp.denoised), decode_steps)
     to_audio = sat.decoder(loaded.model)
     logmel = [log_mel_distance(to_audio(fp.denoised[i])[0].numpy(), to_audio(q.denoised[i])[0].numpy(),
                                loaded.sample_rate)
               for i in steps]
     return PairResult(request=request, sample_rate=loaded.sample_rate, full_precision=fp, quantized=q,
                       step_snr_db=np.array([snr_db(a, b) for a, b in zip(fp.denoised, q.denoised)]),
+                      logmel_db=log_mel_distance(fp.audio, q.audio, loaded.sample_rate),
                       step_logmel_steps=steps, step_logmel_db=np.array(logmel))
 
 
@@ -202,6 +208,8 @@ def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
 
 
 def _evenly_spaced(count: int, at_most: int) -> np.ndarray:
+    if at_most <= 0:
+        return np.arange(0)
     if count <= at_most:
         return np.arange(count)
     return np.unique(np.linspace(0, count - 1, at_most).round().astype(int))

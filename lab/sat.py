@@ -2,8 +2,9 @@
 
 Every other module (app, calibration, benchmark, evaluator, training) reaches SAT through here, so a change
 of SAT's API is a change of this file. Loading: the embedded demo model, a Hub repo, or local files; all three
-routes end in the same two SAT calls, `create_model_from_config` + `load_ckpt_state_dict`, which is
-exactly how Stable Audio Open is loaded: swapping the demo model for SAO is a change of arguments only.
+routes end in SAT's `create_model_from_config` and the checkpoint's tensors, exactly as Stable Audio Open is
+loaded (a .safetensors file read tensor by tensor, which SAT's `load_ckpt_state_dict` would read whole): swapping
+the demo model for SAO is a change of arguments only.
 Every failure a user can cause (missing file, corrupt checkpoint, bad config, gated repo, no network) is
 raised as `ModelLoadError` with a message that says what to do, never as a deep traceback.
 """
@@ -38,13 +39,19 @@ class ModelLoadError(ValueError):
 @dataclass(frozen=True)
 class SamplerSettings:
     """Sampler settings: a model's defaults come from `generation.json` next to its config, else SAO's
-    recommendation. `seconds` None means the config's full sample_size."""
+    recommendation. `seconds` None means the config's full sample_size. `cfg_rescale` and `cfg_interval` are
+    SAT's own CFG options (its UI's "CFG rescale amount" and "CFG interval"): off by default, as SAO runs."""
     steps: int = 100
     cfg_scale: float = 7.0
     sampler_type: str = "dpmpp-3m-sde"
     sigma_min: float = 0.3
     sigma_max: float = 500.0
     seconds: float | None = None
+    cfg_rescale: float = 0.0
+    cfg_interval: tuple[float, float] = (0.0, 1.0)  # guidance only where the DiT's sigma = sin(t pi / 2) is inside
+
+    def __post_init__(self):
+        object.__setattr__(self, "cfg_interval", tuple(self.cfg_interval))  # JSON gives a list
 
     def replace(self, **changes) -> SamplerSettings:
         """A copy with some fields changed; None values leave a field as it is."""
@@ -63,6 +70,53 @@ class SamplerSettings:
             raise ModelLoadError(f"{path} is not a valid generation.json: {err}") from err
 
 
+@dataclass(frozen=True)
+class ModelGuide:
+    """What `generation.json` tells a user beyond the defaults: the samplers the model was validated for, each
+    with its CFG range (its `validated` entry: {"samplers": {name: [lowest, highest]}, "command": ...}; empty
+    where it says nothing, as for SAO: every sampler is offered), and example prompts."""
+    validated: tuple[tuple[str, float, float], ...] = ()  # (sampler, lowest CFG, highest CFG)
+    validated_by: str = ""  # the command that measured it
+    example_prompts: tuple[str, ...] = ()
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        return tuple(name for name, _, _ in self.validated)
+
+    def cfg_range(self, sampler: str) -> tuple[float, float] | None:
+        """The CFG range `sampler` is validated at; None when it is not validated."""
+        return next(((low, high) for name, low, high in self.validated if name == sampler), None)
+
+    def refusal(self, sampler: str, cfg_scale: float) -> str:
+        """'' when nothing is validated (every setting is allowed) or (sampler, CFG) is; else why not."""
+        if not self.validated:
+            return ""
+        cfg_range = self.cfg_range(sampler)
+        if cfg_range is None:
+            return (f"This model is validated for the samplers {', '.join(self.samplers)} only (generation.json), "
+                    f"not {sampler}.")
+        low, high = cfg_range
+        if not low <= cfg_scale <= high:
+            span = f"{low:g}" if low == high else f"{low:g}-{high:g}"
+            return f"This model is validated with {sampler} at CFG {span} only (generation.json), not {cfg_scale:g}."
+        return ""
+
+    @classmethod
+    def read(cls, folder: Path) -> ModelGuide:
+        path = folder / "generation.json"
+        if not path.is_file():
+            return cls()
+        try:
+            values = json.loads(path.read_text())
+            validated = values.get("validated") or {}
+            return cls(validated=tuple((str(name), float(low), float(high))
+                                       for name, (low, high) in validated.get("samplers", {}).items()),
+                       validated_by=str(validated.get("command", "")),
+                       example_prompts=tuple(values.get("example_prompts", ())))
+        except (json.JSONDecodeError, TypeError, AttributeError, ValueError) as err:
+            raise ModelLoadError(f"{path} is not a valid generation.json: {err}") from err
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module  # ConditionedDiffusionModelWrapper, eval mode, no grads
@@ -72,6 +126,7 @@ class LoadedModel:
     sample_size: int  # the config's default length in audio samples
     ckpt_path: Path | None = None
     sampling: SamplerSettings = SamplerSettings()
+    guide: ModelGuide = ModelGuide()
 
     @property
     def fingerprint(self) -> str:
@@ -92,6 +147,11 @@ class LoadedModel:
     def seconds(self) -> float:
         """The clip length the model is sampled at by default."""
         return self.sampling.seconds or self.sample_size / self.sample_rate
+
+    @property
+    def seconds_per_token(self) -> float:
+        """Audio seconds per DiT token (pretransform downsampling x patch size): what sizes a forward."""
+        return int(self.model.min_input_length) / self.sample_rate
 
     def sample_length(self, seconds: float) -> int:
         """Audio samples to generate for `seconds`, rounded up to what the DiT's patching/pretransform accept."""
@@ -176,7 +236,7 @@ def _load_files(config_path: Path, ckpt_path: Path, *, model_id: str) -> LoadedM
     _fold_weight_norm(model)
     return LoadedModel(model=model, config=config, model_id=model_id, sample_rate=int(config["sample_rate"]),
                        sample_size=int(config["sample_size"]), ckpt_path=ckpt_path.resolve(),
-                       sampling=SamplerSettings.read(config_path.parent))
+                       sampling=SamplerSettings.read(config_path.parent), guide=ModelGuide.read(config_path.parent))
 
 
 def read_config(config_path: str | Path) -> dict:
@@ -241,11 +301,16 @@ def _fold_weight_norm(model: torch.nn.Module) -> None:
 
 
 def _load_weights(model: torch.nn.Module, ckpt_path: Path) -> None:
+    """Fill the model from a checkpoint. A .safetensors file (SAT's `load_ckpt_state_dict` would `load_file` it
+    whole) is read one tensor at a time into the model's own tensors, with pread rather than a mapping: loading
+    never holds a second copy of the weights (4.5 GiB for SAO). Other files go through SAT's loader."""
+    if ckpt_path.suffix == ".safetensors":
+        return _stream_safetensors(model, ckpt_path)
     from stable_audio_tools.models.utils import load_ckpt_state_dict
 
     try:
         state_dict = load_ckpt_state_dict(str(ckpt_path))
-    except Exception as err:  # safetensors/pickle raise many types for a damaged file
+    except Exception as err:  # pickle raises many types for a damaged file
         raise ModelLoadError(f"Checkpoint {ckpt_path} is unreadable (corrupt or not a SAT checkpoint): "
                              f"{type(err).__name__}: {err}") from err
     try:
@@ -253,6 +318,31 @@ def _load_weights(model: torch.nn.Module, ckpt_path: Path) -> None:
     except RuntimeError as err:
         raise ModelLoadError(f"Checkpoint {ckpt_path} does not match the model config: "
                              f"{str(err)[:500]}") from err
+
+
+@torch.no_grad()
+def _stream_safetensors(model: torch.nn.Module, ckpt_path: Path) -> None:
+    """`model.load_state_dict(load_file(ckpt_path))`, strict, one tensor in memory at a time; every key and shape
+    is checked before the first copy, so a checkpoint that does not fit leaves the model as it was."""
+    from safetensors import safe_open
+
+    targets = model.state_dict()  # the model's own tensors (detached views), written in place below
+    try:
+        with safe_open(str(ckpt_path), framework="pt", backend="pread") as file:
+            shapes = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+            missing, unexpected = sorted(set(targets) - set(shapes)), sorted(set(shapes) - set(targets))
+            wrong = [f"{key}: {shapes[key]} in the file, {tuple(targets[key].shape)} in the model"
+                     for key in sorted(set(targets) & set(shapes)) if shapes[key] != tuple(targets[key].shape)]
+            if missing or unexpected or wrong:
+                raise ModelLoadError(f"Checkpoint {ckpt_path} does not match the model config: missing keys "
+                                     f"{missing[:5]}, unexpected keys {unexpected[:5]}, shapes differ {wrong[:5]}")
+            for key, target in targets.items():
+                target.copy_(file.get_tensor(key))
+    except ModelLoadError:
+        raise
+    except Exception as err:  # safetensors raises its own error type for a damaged file
+        raise ModelLoadError(f"Checkpoint {ckpt_path} is unreadable (corrupt or not a SAT checkpoint): "
+                             f"{type(err).__name__}: {err}") from err
 
 
 # ---- sampling -----------------------------------------------------------------------------------------
@@ -271,6 +361,24 @@ def conditioning(model: torch.nn.Module, prompt: str, seconds: float) -> dict:
     conditioners (SAO's `prompt`, whatever its id) get the prompt."""
     timing = {"seconds_start": 0.0, "seconds_total": float(seconds)}
     return {key: timing.get(key, prompt) for key in model.conditioner.conditioners}
+
+
+def unknown_words(model: torch.nn.Module, text: str) -> list[str]:
+    """Words of `text` that a word-level text conditioner (SAT's `lut`) maps to its tokenizer's unknown token, in
+    order of appearance: such a model reads them all as one meaningless token. Empty for other conditioners (T5
+    splits any word into known pieces)."""
+    from stable_audio_tools.models.conditioners import TokenizerLUTConditioner
+
+    unknown = []
+    for conditioner in model.conditioner.conditioners.values():
+        tokenizer = getattr(conditioner, "tokenizer", None)
+        if not isinstance(conditioner, TokenizerLUTConditioner) or tokenizer.unk_token_id is None:
+            continue
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+            if token == tokenizer.unk_token_id and text[start:end] not in unknown:
+                unknown.append(text[start:end])
+    return unknown
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -298,7 +406,8 @@ def sample(model: torch.nn.Module, prompts: list[str], *, settings: SamplerSetti
             model, steps=settings.steps, cfg_scale=settings.cfg_scale, conditioning=positive,
             negative_conditioning=negative, batch_size=len(prompts), sample_size=sample_size, seed=seed,
             device=str(model_device(model)), sampler_type=settings.sampler_type, sigma_min=settings.sigma_min,
-            sigma_max=settings.sigma_max, callback=callback, return_latents=return_latents)
+            sigma_max=settings.sigma_max, callback=callback, return_latents=return_latents,
+            scale_phi=settings.cfg_rescale, cfg_interval=settings.cfg_interval)
 
 
 def decoder(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -326,6 +435,18 @@ def random_dit(shape: dict, *, device: str = "cpu", seed: int = 0) -> torch.nn.M
     if device != "meta":
         randomize_weights(dit)
     return dit.eval().requires_grad_(False)
+
+
+def make_live(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Re-initialise every Linear and Conv1d with PyTorch's default (Kaiming-uniform) init from `seed`, leaving
+    the global RNG as it was: SAT zero-initialises each block's output projections and the DiT's pre/post convs,
+    so a freshly built model has dead residual branches (and a random SAO outputs zeros)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)):
+                module.reset_parameters()
+    return model
 
 
 def randomize_weights(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:

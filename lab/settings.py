@@ -1,7 +1,7 @@
 """Settings read from environment variables, so a Hugging Face Space is configured without code changes.
 
-Flags of `ptq-lab` override the model, quantized files, studies folder and console password; the rest is
-env-only. Reading them imports no torch, so `--help` answers at once.
+Flags of `ptq-lab` override the model, quantized files, calibration statistics, studies folder and console
+password; the rest is env-only. Reading them imports no torch, so `--help` answers at once.
 """
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ from pathlib import Path
 from lab.resources import CALIBRATION_PROMPTS, ROOT
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default, kind=int):
     value = os.environ.get(name, "").strip()
     if not value:
         return default
     try:
-        return int(value)
+        return kind(value)
     except ValueError:
-        raise ValueError(f"Environment variable {name} must be an integer, got {value!r}") from None
+        noun = "an integer" if kind is int else "a number"
+        raise ValueError(f"Environment variable {name} must be {noun}, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,11 @@ class Settings:
     cache_dir: Path = ROOT / "runs" / "cache"  # LAB_CACHE_DIR: calibration statistics and quantized models
     output_dir: Path = ROOT / "outputs"  # LAB_OUTPUT_DIR: the Compare tab's WAV files
     calibration_prompts: Path = CALIBRATION_PROMPTS  # LAB_CALIBRATION_PROMPTS: one prompt per line
-    calibration_steps: int = 25  # LAB_CALIBRATION_STEPS: sampler steps per calibration prompt
+    # Calibration size; unset = the model's plan (lab.quantized.CalibrationPlan.default)
+    calibration_count: int | None = None  # LAB_CALIBRATION_COUNT: prompts, spread over the file
+    calibration_steps: int | None = None  # LAB_CALIBRATION_STEPS: sampler steps per prompt
+    calibration_seconds: float | None = None  # LAB_CALIBRATION_SECONDS: audio length per prompt
+    calibration_stats: Path | None = None  # LAB_CALIBRATION_STATS: statistics file to use instead of calibrating
     max_quantized_models: int = 3  # LAB_MAX_QUANTIZED_MODELS: LRU bound on quantized models kept in memory
     concurrency_limit: int = 1  # LAB_CONCURRENCY: simultaneous generations (CPU-bound: keep 1)
 
@@ -50,12 +55,15 @@ class Settings:
             quantized_files=tuple(path for path in (env("LAB_QUANTIZED") or "").split(":") if path),
             studies_dir=Path(env("LAB_STUDIES_DIR") or defaults.studies_dir),
             ratings_dataset=env("LAB_RATINGS_DATASET") or None,
-            ratings_push_minutes=_env_int("LAB_RATINGS_PUSH_MINUTES", defaults.ratings_push_minutes),
+            ratings_push_minutes=_env_number("LAB_RATINGS_PUSH_MINUTES", defaults.ratings_push_minutes),
             admin_password=env("LAB_ADMIN_PASSWORD") or None,
             cache_dir=Path(env("LAB_CACHE_DIR") or defaults.cache_dir),
             output_dir=Path(env("LAB_OUTPUT_DIR") or defaults.output_dir),
             calibration_prompts=Path(env("LAB_CALIBRATION_PROMPTS") or defaults.calibration_prompts),
-            calibration_steps=_env_int("LAB_CALIBRATION_STEPS", defaults.calibration_steps),
-            max_quantized_models=_env_int("LAB_MAX_QUANTIZED_MODELS", defaults.max_quantized_models),
-            concurrency_limit=_env_int("LAB_CONCURRENCY", defaults.concurrency_limit),
+            calibration_count=_env_number("LAB_CALIBRATION_COUNT", None),
+            calibration_steps=_env_number("LAB_CALIBRATION_STEPS", None),
+            calibration_seconds=_env_number("LAB_CALIBRATION_SECONDS", None, float),
+            calibration_stats=Path(env("LAB_CALIBRATION_STATS")) if env("LAB_CALIBRATION_STATS") else None,
+            max_quantized_models=_env_number("LAB_MAX_QUANTIZED_MODELS", defaults.max_quantized_models),
+            concurrency_limit=_env_number("LAB_CONCURRENCY", defaults.concurrency_limit),
         )

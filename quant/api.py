@@ -8,6 +8,7 @@ from .linear import QuantLinear
 from .model import find_dit, linear_layers, matches_any, replace_module
 from .observers import CalibrationStats
 from .recipes import Recipe, get_recipe
+from .rotation import check_block
 from .timestep import TimestepTracker
 
 _FORMAT = "audio-dit-ptq/quantized-1"
@@ -26,6 +27,23 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
 
 def _as_recipe(recipe) -> Recipe:
     return get_recipe(recipe) if isinstance(recipe, str) else recipe
+
+
+def _check_rotation(recipe: Recipe, targets: dict[str, nn.Linear]) -> None:
+    """ValueError naming the first layer whose width the recipe's rotation block does not divide."""
+    if recipe.rotation is not None:
+        for name, linear in targets.items():
+            check_block(recipe.rotation, linear.in_features, name)
+
+
+def _check_stats(recipe: Recipe, stats: CalibrationStats) -> None:
+    if recipe.needs_samples and not stats.has_samples:
+        raise ValueError(f"recipe '{recipe.name}' needs calibration sample rows (alpha search, or a static scale "
+                         "of a smoothed or rotated activation), and these statistics have none (a format-1 "
+                         "file, or calibrate(..., sample_rows=0)): recalibrate with quant.calibrate")
+    if recipe.needs_histograms and not stats.has_histograms:
+        raise ValueError(f"recipe '{recipe.name}' (estimator '{recipe.estimator}') needs |x| histograms, and these "
+                         "statistics have none (a format-1 file): recalibrate with quant.calibrate")
 
 
 def _check_not_quantized(root: nn.Module) -> None:
@@ -50,6 +68,9 @@ def quantize_(model: nn.Module, recipe: Recipe | str, stats: CalibrationStats | 
     targets = quantization_targets(root, recipe)
     if not targets:
         raise ValueError(f"recipe '{recipe.name}' leaves no nn.Linear layer to quantize (skip={recipe.skip})")
+    _check_rotation(recipe, targets)
+    if recipe.needs_calibration:
+        _check_stats(recipe, stats)
     groups = recipe.timestep_groups
     boundaries = stats.group_boundaries(groups) if recipe.needs_calibration else None
     tracker = TimestepTracker.shared(root) if groups > 1 else None
@@ -58,8 +79,9 @@ def quantize_(model: nn.Module, recipe: Recipe | str, stats: CalibrationStats | 
         from tqdm.auto import tqdm
         items = tqdm(items, desc=f"quantizing ({recipe.name})", unit="layer")
     for name, linear in items:
-        absmax = stats.grouped_absmax(name, boundaries) if recipe.needs_calibration else None
-        replace_module(root, name, QuantLinear.from_float(linear, recipe, absmax, boundaries, tracker))
+        calibration = stats.layer(name, boundaries) if recipe.needs_calibration else None
+        replace_module(root, name, QuantLinear.from_float(linear, recipe, None, boundaries, tracker,
+                                                          calibration=calibration, name=name))
     return model
 
 
@@ -125,6 +147,7 @@ def load(model: nn.Module, path, *, recipe: Recipe | str | None = None) -> Recip
              if saved[name] != [m.out_features, m.in_features, m.bias is not None]]
     if wrong:
         raise ValueError(f"{path} does not fit this model, layer shapes differ: {wrong[:5]}")
+    _check_rotation(file_recipe, targets)
 
     tracker = TimestepTracker.shared(root) if file_recipe.timestep_groups > 1 else None
     for name, linear in targets.items():

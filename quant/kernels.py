@@ -2,7 +2,7 @@
 
 Three exact int8 x int8 paths, picked per device by `choose_kernel`:
   "onednn"    x86 CPUs with VNNI or AMX where torch ships the oneDNN int8 linear ops:
-              `onednn.qlinear_prepack` blocks the weight once (a resident copy, see `prepare_weight`),
+              `onednn.qlinear_prepack` blocks the weight once (a resident copy, see `PreparedWeight`),
               `onednn.qlinear_pointwise` multiplies uint8 activations (codes + 128, zero point 128) by it and
               applies the per-output-channel weight scales (and, for static recipes, the scalar activation
               scale and the bias) in its epilogue. Signed int8 activations are accepted too but run oneDNN's
@@ -15,16 +15,39 @@ All three give the same integer accumulators; only the float rescale's rounding 
 Forcing a path: `set_kernel("int_mm")` or the environment variable QUANT_INT8_KERNEL=auto|onednn|int_mm
 (the function wins over the variable; both are read at every forward, so a change applies at once: layers
 rebuild their prepared weight when the kernel they hold it for is not the one in force).
+
+Weight-only layers (W8A16, W4A16) multiply float activations by the stored integer weight. Their paths,
+picked by `choose_weight_only_kernel` (QUANT_WEIGHT_ONLY_KERNEL=auto|resident|packed|dequant):
+  "resident"  the weight dequantized once to the compute dtype and kept (a float copy counted as cache),
+              multiplied by `F.linear`: the float path's own matmul, so not slower than it (oneDNN's
+              prepacked float linear was measured too, and was not reliably faster). auto's choice on CPUs
+              without native bf16 (measured at SAO's shapes on an AVX512-VNNI Xeon without AVX512-BF16:
+              "packed" ran ~2x slower than fp32 with bf16 activations and ~50x slower with fp32 ones) and
+              on CUDA.
+  "packed"    torch's weight-only kernels with bf16 activations: `_weight_int8pack_mm` (int8 codes and
+              per-channel scales as stored) and `_weight_int4pack_mm_for_cpu` (codes repacked once by
+              `_convert_weight_to_int4pack_for_cpu`; needs out_features % 16 == 0 and a scale group of
+              32-256 input channels, else the layer uses "resident"). On CPUs with native bf16 (AVX512-BF16
+              or AMX) auto times it against "resident" once per process and keeps the faster.
+  "dequant"   nothing kept: every call dequantizes the stored codes (least memory, slowest).
+Weight-only layers compute in bf16 where the device has native bf16 (the "A16" of W8A16), else in the
+input's dtype; the result is cast back to the input's dtype.
 """
+import functools
 import os
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 
-from .primitives import EPS, qmax
+from .primitives import EPS, dequantize_weight, pack_int4, qmax, unpack_int4
 
 KERNEL_ENV = "QUANT_INT8_KERNEL"
 KERNEL_CHOICES = ("auto", "onednn", "int_mm")
+WEIGHT_ONLY_ENV = "QUANT_WEIGHT_ONLY_KERNEL"
+WEIGHT_ONLY_CHOICES = ("auto", "resident", "packed", "dequant")
+_INT4PACK_GROUPS = (256, 128, 64, 32)  # the scale group sizes `_weight_int4pack_mm_for_cpu` accepts
 _U8_ZERO_POINT = 128  # oneDNN's fast x86 int8 kernels want unsigned activations: codes + 128
 _forced: str | None = None
 
@@ -37,15 +60,25 @@ def onednn_available() -> bool:
             and hasattr(torch.ops.onednn, "qlinear_prepack") and hasattr(torch.ops.onednn, "qlinear_pointwise"))
 
 
+@functools.cache
+def _cpu_has(check_name: str) -> bool:
+    """torch.cpu's feature check `check_name` (e.g. "_is_vnni_supported"); False where this torch lacks it."""
+    check = getattr(getattr(torch, "cpu", None), check_name, None)
+    return bool(check and check())
+
+
 def onednn_fast() -> bool:
     """True when oneDNN has a fast int8 kernel here: the ops exist and the CPU has VNNI or AMX int8."""
-    if not onednn_available():
-        return False
-    cpu = getattr(torch, "cpu", None)
-    def has(flag):
-        check = getattr(cpu, flag, None)
-        return bool(check and check())
-    return has("_is_vnni_supported") or has("_is_amx_tile_supported")
+    return onednn_available() and (_cpu_has("_is_vnni_supported") or _cpu_has("_is_amx_tile_supported"))
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """True when bf16 matmuls run natively on `device`: CUDA with bf16, or a CPU with AVX512-BF16 or AMX.
+    Without it a CPU emulates bf16 (~4x slower than fp32 on the Xeons measured)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return _cpu_has("_is_avx512_bf16_supported") or _cpu_has("_is_amx_tile_supported")
 
 
 def set_kernel(name: str | None) -> None:
@@ -96,6 +129,67 @@ def kernel_name(device: torch.device | str = "cpu") -> str:
               "int_mm": "torch._int_mm"}[name]
     return f"{name} ({detail}; {how}; oneDNN ops {'present' if onednn_available() else 'absent'}, " \
            f"VNNI/AMX {'yes' if onednn_fast() else 'no'})"
+
+
+def requested_weight_only_kernel() -> str:
+    """The weight-only path asked for by QUANT_WEIGHT_ONLY_KERNEL (default "auto")."""
+    name = os.environ.get(WEIGHT_ONLY_ENV, "auto").strip().lower() or "auto"
+    if name not in WEIGHT_ONLY_CHOICES:
+        raise ValueError(f"{WEIGHT_ONLY_ENV}={name!r}: must be one of {WEIGHT_ONLY_CHOICES}")
+    return name
+
+
+def choose_weight_only_kernel(device: torch.device | str = "cpu", w_bits: int = 8) -> str:
+    """The weight-only path on `device`: "resident" on CUDA; on CPU the requested one, and for auto "resident"
+    without native bf16, else the faster of "resident" and "packed" measured once (`_timed_weight_only`)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "resident"
+    name = requested_weight_only_kernel()
+    if name != "auto":
+        return name
+    return _timed_weight_only(w_bits) if native_bf16(device) else "resident"
+
+
+def weight_only_dtype(kernel: str, device: torch.device | str, x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a weight-only layer computes in: 16-bit inputs as they are; float32 inputs in bf16 where the
+    device has native bf16 or the kernel ("packed") only runs fast in bf16, else float32."""
+    if x_dtype != torch.float32:
+        return x_dtype
+    return torch.bfloat16 if kernel == "packed" or native_bf16(device) else torch.float32
+
+
+def weight_only_kernel_name(device: torch.device | str = "cpu") -> str:
+    """A line for reports: the weight-only path in force on `device` (W8A16 and W4A16) and its dtype."""
+    device = torch.device(device)
+    paths = {bits: choose_weight_only_kernel(device, bits) for bits in (8, 4)}
+    how = "auto" if device.type == "cuda" or requested_weight_only_kernel() == "auto" else "forced"
+    dtype = str(weight_only_dtype(paths[8], device, torch.float32)).removeprefix("torch.")
+    shown = paths[8] if paths[8] == paths[4] else f"W8A16 {paths[8]}, W4A16 {paths[4]}"
+    return f"{shown} ({how}; float32 inputs computed in {dtype}; native bf16 {'yes' if native_bf16(device) else 'no'})"
+
+
+@functools.cache
+def _timed_weight_only(w_bits: int) -> str:
+    """ "packed" or "resident", whichever multiplies a (512, 1536) bf16 input by a 1536 x 1536 weight faster
+    here (median of 3 after a warm-up): torch's packed kernels are built for few tokens, a DiT's forward
+    has hundreds, and which one wins depends on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-7, 8, (1536, 1536), dtype=torch.int8, generator=g)
+    scale = torch.full((1536, 1), 0.01)
+    x = torch.randn(512, 1536, generator=g)
+    seconds = {}
+    for kernel in ("resident", "packed"):
+        prepared = WeightOnlyWeight(codes, scale, 8, kernel, torch.bfloat16) if w_bits == 8 else \
+            WeightOnlyWeight(pack_int4(codes), scale, 4, kernel, torch.bfloat16)
+        prepared.linear(x, None)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            prepared.linear(x, None)
+            times.append(time.perf_counter() - start)
+        seconds[kernel] = statistics.median(times)
+    return min(seconds, key=seconds.get)
 
 
 # ---- activation quantizers -------------------------------------------------------------------
@@ -156,15 +250,16 @@ def padded_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b)[:m, :n]
 
 
+@torch.no_grad()  # integer arithmetic has no gradient; in-place passes need no graph
 def scaled_int_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """(a * a_scale) @ (b * b_scale) + bias, computed as int_matmul(a, b) * b_scale * a_scale + bias.
 
     a int8 (M, K), a_scale (M, 1) or scalar; b int8 (K, N), b_scale (N,), bias (N,). Returns float32 (M, N).
-    One conversion, then in-place multiplies (cheaper than int32 * float promotion or an outer product).
+    One conversion, then in-place passes (cheaper than int32 * float promotion or an outer product).
     """
-    y = int_matmul(a, b).float().mul_(b_scale).mul_(a_scale)
-    return y if bias is None else y.add_(bias)
+    y = int_matmul(a, b).float().mul_(b_scale)
+    return y.mul_(a_scale) if bias is None else torch.addcmul(bias, y, a_scale, out=y)
 
 
 # ---- prepared weights -----------------------------------------------------------------------
@@ -191,14 +286,16 @@ class PreparedWeight:
         else:
             raise ValueError(f"unknown int8 kernel {kernel!r}")
 
+    @torch.no_grad()  # integer arithmetic has no gradient; in-place passes need no graph
     def linear(self, x: torch.Tensor, bits: int, act_scale: torch.Tensor | None, bias: torch.Tensor | None):
         """Quantize x float32 (M, K) (per token when act_scale is None, else with the 0-d calibrated
         act_scale), multiply by the weight, rescale, add bias (float32 (N,)): float32 (M, N)."""
         if self.kernel == "onednn":
             if act_scale is None:
                 codes, x_scale = quantize_per_token(x, bits, unsigned=True)
-                y = _qlinear(codes, 1.0, self, None).mul_(x_scale)
-                return y if bias is None else y.add_(bias)
+                y = _qlinear(codes, 1.0, self, None)
+                # one in-place pass over the output for the per-token scale and the bias
+                return y.mul_(x_scale) if bias is None else torch.addcmul(bias, y, x_scale, out=y)
             codes = quantize_per_tensor(x, act_scale, bits, unsigned=True)
             return _qlinear(codes, act_scale.item(), self, bias)
         if act_scale is None:
@@ -212,3 +309,68 @@ def _qlinear(codes_u8: torch.Tensor, x_scale: float, w: PreparedWeight, bias: to
     return torch.ops.onednn.qlinear_pointwise(
         codes_u8, float(x_scale), _U8_ZERO_POINT, w.packed, w.scale, w.zero_points, bias,
         1.0, 0, torch.float32, "none", [], "")
+
+
+class WeightOnlyWeight:
+    """A weight-only layer's weight in the form its path multiplies (see the module docstring): derived
+    state, never saved. `kernel` is the path actually used ("packed" falls back to "resident" where the
+    layer's shape or scale groups do not fit torch's packed kernels).
+
+    stored: the stored copy, int8 codes (N, K) or int4 packed uint8 (N, K/2); scale float32 (N, S).
+    extra_bytes: what this object holds beyond the stored buffers.
+    """
+
+    def __init__(self, stored: torch.Tensor, scale: torch.Tensor, bits: int, kernel: str, dtype: torch.dtype):
+        if kernel not in WEIGHT_ONLY_CHOICES[1:]:
+            raise ValueError(f"unknown weight-only kernel {kernel!r}")
+        self.device, self.dtype, self.bits = stored.device, dtype, bits
+        self.stored, self.scale = stored, scale
+        self.int4_group = _int4pack_group(stored.shape[0], stored.shape[1] * 2, scale.shape[1]) if bits == 4 else None
+        if kernel == "packed" and (stored.device.type != "cpu" or (bits == 8 and scale.shape[1] != 1)
+                                   or (bits == 4 and self.int4_group is None)):
+            kernel = "resident"
+        self.kernel = kernel
+        if kernel == "resident":
+            self.weight = self._dequantized()
+            self.extra_bytes = self.weight.numel() * self.weight.element_size()
+        elif kernel == "packed" and bits == 8:
+            self.packed, self.scales = stored, scale[:, 0].to(dtype)  # the stored codes, as they are
+            self.extra_bytes = self.scales.numel() * self.scales.element_size()
+        elif kernel == "packed":
+            codes = unpack_int4(stored).to(torch.int32).add_(8)  # the kernel's unsigned nibbles, zero point 8
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            groups = stored.shape[1] * 2 // self.int4_group
+            group_scales = scale.expand(-1, groups) if scale.shape[1] == 1 else scale  # (N, K / group)
+            self.scales = torch.stack((group_scales.t(), torch.zeros_like(group_scales.t())), dim=-1).to(dtype)
+            self.extra_bytes = sum(t.numel() * t.element_size() for t in (self.packed, self.scales))
+        else:
+            self.extra_bytes = 0
+
+    def _dequantized(self) -> torch.Tensor:
+        codes = unpack_int4(self.stored) if self.bits == 4 else self.stored
+        return dequantize_weight(codes, self.scale).to(self.dtype)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (M, K) @ W^T + bias, computed in self.dtype, returned in x's dtype."""
+        xc = x.to(self.dtype)
+        b = None if bias is None else bias.to(self.dtype)
+        if self.kernel == "packed":
+            if self.bits == 8:
+                y = torch.ops.aten._weight_int8pack_mm(xc, self.packed, self.scales)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.packed, self.int4_group, self.scales)
+            y = y if b is None else y.add_(b)
+        else:
+            y = F.linear(xc, self.weight if self.kernel == "resident" else self._dequantized(), b)
+        return y.to(x.dtype)
+
+
+def _int4pack_group(out_features: int, in_features: int, scales_per_row: int) -> int | None:
+    """The scale group `_weight_int4pack_mm_for_cpu` can run this weight with, or None: per-channel scales
+    are repeated over the largest group it accepts that divides K; per-group scales must be such a group."""
+    if out_features % 16:
+        return None
+    if scales_per_row > 1:
+        group = in_features // scales_per_row
+        return group if group in _INT4PACK_GROUPS else None
+    return next((g for g in _INT4PACK_GROUPS if in_features % g == 0), None)

@@ -4,12 +4,16 @@ Both backends hold the same buffers (so memory and files do not depend on the ba
   qweight        int8 (C, out, in), or uint8 (C, out, in/2) for int4 (two codes per byte);
                  float (C, out, in) when w_bits=16
   weight_scale   float32 (C, out, S): S=1 per output channel, S=in/group_size per group
-  smooth         float32 (G, in)   SmoothQuant divisors, one row per timestep group (smoothquant, sqd)
+  smooth         float32 (C, in)   SmoothQuant divisors, one row per weight copy (smoothquant, sqd)
   act_scale      float32 (G,)      calibrated per-tensor activation scale (static, smoothquant)
   timestep_boundaries float32 (G-1,) group edges in t
   lowrank        C LowRankBranch modules (lora_rank > 0)
-G = recipe.timestep_groups; C = G when the recipe smooths (the smoothed weight W * s_g differs per
-group, so each group needs its own quantized copy), else 1.
+G = recipe.timestep_groups; C = recipe.weight_copies: G when the recipe smooths per group (the smoothed
+weight W * s_g differs per group, so each group needs its own quantized copy), else 1 (one smoothing vector
+for all groups, or none). What goes into these buffers (smoothing vectors, alpha, static scales) is chosen
+from calibration by `quant.plan.plan_layer`.
+With `recipe.rotation` the weight copies hold Q(R(W * s)) and the activation is rotated after smoothing,
+before it is quantized: R(x / s) (quant/rotation.py; nothing stored, R follows from the block size).
 
 Backends:
   "simulated": activations and weights quantized-dequantized, float matmul: the reference semantics.
@@ -18,18 +22,27 @@ Backends:
              `torch._int_mm` otherwise), one float rescale. The weight copy in use is prepared for the
              kernel on first forward and kept (derived state, never in the state dict, counted as "cache"
              by `held_bytes`): oneDNN's blocked copy, or for int4 the unpacked int8 codes, so W4A8 runs
-             at W8A8's speed while the stored weight stays 4-bit. Weight-only recipes
-             dequantize the weight to the input dtype per call (no x86 kernel takes int weights with
-             float activations quickly). Per-group weight scales only with weight-only recipes.
+             at W8A8's speed while the stored weight stays 4-bit. Weight-only recipes take the path
+             `kernels.choose_weight_only_kernel` picks (a resident dequantized copy where no packed
+             weight-only kernel is faster, see quant/kernels.py). Per-group weight scales only with
+             weight-only recipes.
 Smoothing divides x by s at run time (fused into the activation quantizer's input); the branch sees the
-smoothed, unquantized activation, matching the residual it was fitted on.
+smoothed (and rotated), unquantized activation, matching the residual it was fitted on.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import PreparedWeight, choose_kernel
+from .kernels import (
+    PreparedWeight,
+    WeightOnlyWeight,
+    choose_kernel,
+    choose_weight_only_kernel,
+    weight_only_dtype,
+)
 from .lowrank import LowRankBranch, fit_low_rank, random_low_rank
+from .observers import LayerCalibration
+from .plan import plan_layer
 from .primitives import (
     dequantize_weight,
     fake_quant,
@@ -37,11 +50,10 @@ from .primitives import (
     pack_int4,
     per_token_scale,
     quantize_weight,
-    scale_from_absmax,
     unpack_int4,
 )
 from .recipes import Recipe
-from .smooth import smoothing_factors
+from .rotation import check_block, rotate
 from .timestep import TimestepTracker, group_index
 
 
@@ -58,6 +70,8 @@ class QuantLinear(nn.Module):
             raise ValueError(f"int4 weights are packed two per byte: in_features must be even, got {in_features}")
         if recipe.group_size is not None and in_features % recipe.group_size:
             raise ValueError(f"group_size {recipe.group_size} does not divide in_features {in_features}")
+        if recipe.rotation is not None:
+            check_block(recipe.rotation, in_features)
         self.in_features, self.out_features = in_features, out_features
         self.recipe = recipe
         self.dtype = dtype  # the original weight dtype: bias, float weights and the simulated cache use it
@@ -65,9 +79,10 @@ class QuantLinear(nn.Module):
         self._boundaries: list[float] | None = None  # Python copy of timestep_boundaries, filled lazily
         self._weight_cache = None  # simulated backend: (copy index, dtype, dequantized weight)
         self._prepared = None  # integer backend: (copy index, kernel, PreparedWeight) of the copy in use
+        self.alphas: list[float] | None = None  # smoothing strength per copy chosen by from_float (not saved)
 
         groups = recipe.timestep_groups
-        copies = groups if recipe.smooths else 1
+        copies = recipe.weight_copies
         kwargs = dict(device=device)
         if recipe.w_bits == 16:
             self.register_buffer("qweight", torch.zeros(copies, out_features, in_features, dtype=dtype, **kwargs))
@@ -79,9 +94,8 @@ class QuantLinear(nn.Module):
             scales_per_row = 1 if recipe.group_size is None else in_features // recipe.group_size
             self.register_buffer("weight_scale", torch.ones(copies, out_features, scales_per_row, **kwargs))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kwargs) if bias else None)
-        self.register_buffer("smooth", torch.ones(groups, in_features, **kwargs) if recipe.smooths else None)
-        static = recipe.quantizes_activations and not recipe.dynamic_activations
-        self.register_buffer("act_scale", torch.ones(groups, **kwargs) if static else None)
+        self.register_buffer("smooth", torch.ones(copies, in_features, **kwargs) if recipe.smooths else None)
+        self.register_buffer("act_scale", torch.ones(groups, **kwargs) if recipe.static_activations else None)
         self.register_buffer("timestep_boundaries", torch.zeros(groups - 1, **kwargs) if groups > 1 else None)
         self.lowrank = nn.ModuleList(
             LowRankBranch(in_features, out_features, recipe.lora_rank, getattr(torch, recipe.lora_dtype)).to(device)
@@ -93,23 +107,28 @@ class QuantLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_float(cls, linear: nn.Linear, recipe: Recipe, layer_absmax: torch.Tensor | None = None,
-                   boundaries: list[float] | None = None, tracker: TimestepTracker | None = None) -> "QuantLinear":
+                   boundaries: list[float] | None = None, tracker: TimestepTracker | None = None, *,
+                   calibration: LayerCalibration | None = None, name: str = "") -> "QuantLinear":
         """Quantize `linear` following `recipe`.
 
-        layer_absmax: float (G, in) per-input-channel max |x| per timestep group, from calibration
-            (required when `recipe.needs_calibration`). boundaries: the G-1 group edges in t.
-        tracker: where the layer reads the current timestep (needed when G > 1).
+        calibration: the layer's statistics split into the recipe's timestep groups
+            (`CalibrationStats.layer(name, boundaries)`); required when `recipe.needs_calibration`.
+        layer_absmax: instead of `calibration`, float (G, in) per-input-channel max |x| per timestep group
+            (enough for recipes whose estimator is "max", without rotation or alpha search).
+        boundaries: the G-1 group edges in t. tracker: where the layer reads the current timestep (needed when
+        G > 1). name: the layer's name, for error messages.
         """
         groups = recipe.timestep_groups
         weight = linear.weight.detach().float()  # (out, in)
         layer = cls(linear.in_features, linear.out_features, recipe, bias=linear.bias is not None,
                     dtype=linear.weight.dtype, device=linear.weight.device)
         if recipe.needs_calibration:
-            if layer_absmax is None or tuple(layer_absmax.shape) != (groups, linear.in_features):
-                got = None if layer_absmax is None else tuple(layer_absmax.shape)
+            if calibration is None and layer_absmax is not None:
+                calibration = LayerCalibration(layer_absmax, layer_absmax, torch.arange(layer_absmax.shape[0]))
+            got = None if calibration is None else tuple(calibration.absmax.shape)
+            if got != (groups, linear.in_features):
                 raise ValueError(f"recipe '{recipe.name}' needs calibration statistics of shape "
                                  f"({groups}, {linear.in_features}), got {got}")
-            layer_absmax = layer_absmax.to(weight.device).float()
         if groups > 1:
             if boundaries is None or len(boundaries) != groups - 1:
                 raise ValueError(f"recipe '{recipe.name}' has {groups} timestep groups: pass {groups - 1} boundaries")
@@ -117,16 +136,14 @@ class QuantLinear(nn.Module):
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())
 
-        factors = smoothing_factors(layer_absmax, weight, recipe.alpha) if recipe.smooths else None  # (G, in)
-        if factors is not None:
-            layer.smooth.copy_(factors)
-        weight_copies = [weight * f for f in factors] if factors is not None else [weight]
-        for copy_index, w in enumerate(weight_copies):
+        plan = plan_layer(weight, recipe, calibration, name)
+        if plan.factors is not None:
+            layer.smooth.copy_(plan.factors)
+        for copy_index, w in enumerate(plan.weights):  # smoothed and rotated as the recipe says
             layer._store_weight(copy_index, w)
-
-        if layer.act_scale is not None:
-            act_absmax = layer_absmax / factors if factors is not None else layer_absmax  # (G, in)
-            layer.act_scale.copy_(scale_from_absmax(act_absmax.amax(dim=1), recipe.a_bits))
+        if plan.act_scale is not None:
+            layer.act_scale.copy_(plan.act_scale)
+        layer.alphas = plan.alphas
         layer.attach(tracker)
         return layer
 
@@ -185,7 +202,8 @@ class QuantLinear(nn.Module):
         return group_index(t, self._boundaries)
 
     def _copy_for(self, group: int) -> int:
-        return group if self.recipe.smooths else 0
+        """The weight copy (and smoothing vector) timestep group `group` uses."""
+        return group if self.recipe.weight_copies > 1 else 0
 
     def weight_codes(self, copy_index: int = 0) -> torch.Tensor:
         """Integer weight codes int8 (out, in) of one copy (int4 unpacked)."""
@@ -199,27 +217,32 @@ class QuantLinear(nn.Module):
         return dequantize_weight(self.weight_codes(copy_index), self.weight_scale[copy_index]).to(dtype)
 
     def effective_weight(self, t: float | None = None) -> torch.Tensor:
-        """The float weight (out, in) this layer applies to unsmoothed x at `t`: (Q(W s) + L) / s."""
+        """The float weight (out, in) this layer applies to the raw x at `t`: ((Q(R(W s)) + L) R) / s."""
         group = self.group_for(t)
         copy_index = self._copy_for(group)
         w = self.dequantized_weight(copy_index)
         if self.lowrank is not None:
             w = w + self.lowrank[copy_index].weight()
+        if self.recipe.rotation is not None:
+            w = rotate(w, self.recipe.rotation)  # R(x) M^T = x (M R)^T: R is symmetric and orthogonal
         if self.smooth is not None:
-            w = w / self.smooth[group]  # (x / s) M^T = x (M / s)^T, column-wise
+            w = w / self.smooth[copy_index]  # (x / s) M^T = x (M / s)^T, column-wise
         return w
 
     def smoothing_for(self, t: float | None = None) -> torch.Tensor | None:
         """Per-input-channel divisor s (in,) in force at timestep t; None without smoothing."""
-        return None if self.smooth is None else self.smooth[self.group_for(t)]
+        return None if self.smooth is None else self.smooth[self._copy_for(self.group_for(t))]
 
     def input_fake_quant(self, x: torch.Tensor, t: float | None = None) -> torch.Tensor:
-        """The activation exactly as the quantized matmul sees it: smoothed, then quantized-dequantized."""
+        """The activation exactly as the quantized matmul sees it: smoothed, rotated, then quantized-dequantized."""
         group = self.group_for(t)
-        return self._fake_quant_input(self._smoothed(x.float(), group), group).to(x.dtype)
+        return self._fake_quant_input(self._transformed(x.float(), group), group).to(x.dtype)
 
-    def _smoothed(self, x: torch.Tensor, group: int) -> torch.Tensor:
-        return x / self.smooth[group] if self.smooth is not None else x
+    def _transformed(self, x: torch.Tensor, group: int) -> torch.Tensor:
+        """R(x / s): the smoothing of `group`'s copy, then the rotation (each only when the recipe has it)."""
+        if self.smooth is not None:
+            x = x / self.smooth[self._copy_for(group)]
+        return rotate(x, self.recipe.rotation) if self.recipe.rotation is not None else x
 
     def _fake_quant_input(self, x: torch.Tensor, group: int) -> torch.Tensor:
         bits = self.recipe.a_bits
@@ -235,19 +258,31 @@ class QuantLinear(nn.Module):
             cache = self._weight_cache = (copy_index, dtype, self.dequantized_weight(copy_index, dtype))
         return cache[2]
 
-    def prepared_weight(self, copy_index: int, device: torch.device) -> PreparedWeight:
-        """Integer backend: weight copy `copy_index` prepared for the kernel in force on `device`.
+    def prepared_weight(self, copy_index: int, device: torch.device,
+                        x_dtype: torch.dtype = torch.float32) -> PreparedWeight | WeightOnlyWeight:
+        """Integer backend: weight copy `copy_index` prepared for the kernel in force on `device` (weight-only
+        recipes: for the weight-only path in force and the dtype it computes `x_dtype` inputs in).
 
         Built on first use and kept (one copy at a time, like the simulated cache): rebuilt when the
         copy (timestep group), the kernel or the device changes, dropped by `_forget_derived`."""
-        kernel = choose_kernel(device)
+        if self.recipe.quantizes_activations:
+            key = choose_kernel(device)
+        else:
+            kernel = choose_weight_only_kernel(device, self.recipe.w_bits)
+            key = (kernel, weight_only_dtype(kernel, device, x_dtype))
         cache = self._prepared
-        if cache is None or cache[0] != copy_index or cache[1] != kernel or cache[2].device != self.qweight.device:
+        if cache is None or cache[0] != copy_index or cache[1] != key or cache[2].device != self.qweight.device:
             self._prepared = None  # free the old copy before building the new one
-            codes = self.weight_codes(copy_index)
-            cache = self._prepared = (copy_index, kernel, PreparedWeight(
-                codes, self.weight_scale[copy_index, :, 0], kernel, owns_codes=self.recipe.w_bits == 4))
+            cache = self._prepared = (copy_index, key, self._prepare(copy_index, key))
         return cache[2]
+
+    def _prepare(self, copy_index: int, key) -> PreparedWeight | WeightOnlyWeight:
+        if self.recipe.quantizes_activations:
+            return PreparedWeight(self.weight_codes(copy_index), self.weight_scale[copy_index, :, 0], key,
+                                  owns_codes=self.recipe.w_bits == 4)
+        kernel, dtype = key
+        return WeightOnlyWeight(self.qweight[copy_index], self.weight_scale[copy_index], self.recipe.w_bits,
+                                kernel, dtype)
 
     # ---- forward ------------------------------------------------------------------------------
 
@@ -257,15 +292,14 @@ class QuantLinear(nn.Module):
         copy_index = self._copy_for(group)
         x2 = x.reshape(-1, self.in_features)  # (tokens, in)
 
-        if not recipe.quantizes_activations:  # weight-only: float matmul on the dequantized weight
+        if not recipe.quantizes_activations:  # weight-only: float activations times the stored weight
             if recipe.backend == "simulated":
-                w = self._cached_weight(copy_index, x.dtype)
+                y = F.linear(x2, self._cached_weight(copy_index, x.dtype), self.bias)
             else:
-                w = self.dequantized_weight(copy_index, x.dtype)
-            y = F.linear(x2, w, self.bias)
+                y = self.prepared_weight(copy_index, x2.device, x2.dtype).linear(x2, self.bias)
             branch_input = x2
         else:
-            xs = self._smoothed(x2.float(), group)  # (tokens, in) float32
+            xs = self._transformed(x2.float(), group)  # (tokens, in) float32, smoothed and rotated
             bias = None if self.bias is None else self.bias.float()
             if recipe.backend == "simulated":
                 y = F.linear(self._fake_quant_input(xs, group), self._cached_weight(copy_index, torch.float32), bias)
@@ -282,7 +316,8 @@ class QuantLinear(nn.Module):
 
     def held_bytes(self) -> dict[str, int]:
         """Bytes this layer holds, by kind. "cache": derived copies resident now (the simulated backend's
-        dequantized weight, the integer backend's prepared weight: oneDNN's packed copy or unpacked int4)."""
+        dequantized weight, the integer backend's prepared weight: oneDNN's packed copy, unpacked int4, or a
+        weight-only layer's resident float copy or repacked int4)."""
         def nbytes(*tensors):
             return sum(t.numel() * t.element_size() for t in tensors if t is not None)
         cache = self._weight_cache[2] if self._weight_cache is not None else None
@@ -299,7 +334,8 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         r = self.recipe
         return (f"in_features={self.in_features}, out_features={self.out_features}, W{r.w_bits}A{r.a_bits} "
-                f"{r.method}, groups={r.timestep_groups}, lora_rank={r.lora_rank}, backend={r.backend}")
+                f"{r.method}, groups={r.timestep_groups}, copies={r.weight_copies}, lora_rank={r.lora_rank}, "
+                f"rotation={r.rotation}, estimator={r.estimator}, backend={r.backend}")
 
 
 def _forget_derived_after_load(module: QuantLinear, incompatible_keys) -> None:

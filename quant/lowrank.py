@@ -8,9 +8,12 @@ Optionally (deepcompressor / SVDQuant) alternate: Q = Q(W - L), L = SVD_r(W - Q)
 import torch
 from torch import nn
 
+from .kernels import native_bf16
+
 
 class LowRankBranch(nn.Module):
-    """x (..., in) -> (x @ A) @ B (..., out), computed in the branch's dtype (bf16 is ~4x cheaper on CPU)."""
+    """x (..., in) -> (x @ A) @ B (..., out), computed in the branch's stored dtype where the device runs it
+    natively; a bf16 branch on a CPU without native bf16 (emulated: ~3x slower than fp32) computes in fp32."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, dtype=torch.float32):
         super().__init__()
@@ -22,7 +25,10 @@ class LowRankBranch(nn.Module):
         return self.A.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x.to(self.A.dtype) @ self.A) @ self.B).to(x.dtype)
+        dtype = self.A.dtype
+        if dtype == torch.bfloat16 and not native_bf16(x.device):
+            dtype = torch.float32
+        return ((x.to(dtype) @ self.A.to(dtype)) @ self.B.to(dtype)).to(x.dtype)
 
     def weight(self) -> torch.Tensor:
         """The correction as a weight matrix (out, in), float32."""

@@ -1,8 +1,27 @@
-"""Calibration: per-layer, per-timestep, per-input-channel max |x| of every linear's input.
+"""Calibration: what every linear of the DiT sees, per timestep, kept in three forms.
 
-That one statistic serves every method: static takes its per-tensor maximum, SmoothQuant its
-per-channel maximum over all timesteps, SQD its per-channel maximum within each timestep group.
+Per layer and per timestep t (rounded to 6 decimals; calls at the same t merge):
+  absmax     float32 (T, in)       per-input-channel max |x|. Static scales take its maximum, SmoothQuant its
+                                   per-channel maximum over all timesteps, SQD its maximum within each group.
+  histogram  float64 (T, N_BINS)   counts of |x| over `estimators.BIN_EDGES` (fixed log-spaced bins, so they
+                                   add up across calls and timesteps): the exact distribution of the layer's
+                                   raw input that the "percentile" and "mse" estimators clip.
+  samples    bfloat16 (T, R, in)   R token rows drawn uniformly without replacement from every row the layer
+                                   saw at t (seeded priority sampling: the same forwards give the same rows).
+                                   Transformed activations (smoothed x / s, rotated x R) have a distribution
+                                   calibration cannot know in advance: estimators and the per-layer alpha
+                                   search compute it from these rows.
 Timesteps come from `TimestepTracker` (the DiT forward's `t`), never from the caller.
+
+Cost at Stable Audio Open's scale (176 linears, 14.6 k input channels per block x 24 blocks ~ 350 k input
+channels in all, 25 timesteps): absmax 35 MB, histograms 176 x 25 x 386 x 8 B = 14 MB, samples with the
+default R = 8 rows 350 k x 25 x 8 x 2 B = 140 MB (R = 4: 70 MB), on the CPU during calibration and in the
+file. The recording itself adds one bincount over every input element and one top-k over the rows per layer
+and forward.
+
+Files: `save` writes format "audio-dit-ptq/calibration-2"; `load` also reads "calibration-1" files (per-
+channel maxima only): such statistics serve the "max" estimator and every method as before, and recipes that
+need histograms or samples raise a ValueError saying to recalibrate.
 """
 import json
 from dataclasses import dataclass, field
@@ -10,23 +29,59 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .estimators import N_BINS, histogram
 from .model import find_dit, linear_layers
 from .timestep import TimestepTracker, group_index
 
-_FORMAT = "audio-dit-ptq/calibration-1"
+_FORMAT = "audio-dit-ptq/calibration-2"
+_FORMAT_MAX_ONLY = "audio-dit-ptq/calibration-1"
+SAMPLE_ROWS = 8     # token rows kept per layer and timestep (see the module docstring for what they cost)
+SAMPLE_SEED = 0
+SAMPLE_DTYPE = torch.bfloat16
+
+
+@dataclass
+class LayerCalibration:
+    """One layer's statistics, split into the G timestep groups of a recipe (what `QuantLinear.from_float` reads).
+
+    absmax: float32 (G, in) per-channel max |x| per group. timestep_absmax: float32 (T, in), one row per
+    calibrated timestep, and timestep_group: long (T,) the group of each. histogram: float64 (G, N_BINS) or
+    None; samples: G float32 tensors (rows, in) or None (statistics without them: old files).
+    """
+
+    absmax: torch.Tensor
+    timestep_absmax: torch.Tensor
+    timestep_group: torch.Tensor
+    histogram: torch.Tensor | None = None
+    samples: list[torch.Tensor] | None = None
+
+    @property
+    def n_groups(self) -> int:
+        return self.absmax.shape[0]
+
+    def all_samples(self) -> torch.Tensor | None:
+        """Every sampled row of every group: (rows, in) float32, or None."""
+        return None if self.samples is None else torch.cat(self.samples)
 
 
 @dataclass
 class CalibrationStats:
-    """`absmax[layer]`: float32 (T, in), row i = per-input-channel max |x| at `timesteps[i]`.
+    """`absmax[layer]`: float32 (T, in), row i = per-input-channel max |x| at `timesteps[i]`; `histograms[layer]`:
+    float64 (T, N_BINS); `samples[layer]`: bfloat16 (T, R, in) and `sample_counts[layer]`: long (T,) how many of
+    the R rows at each timestep are filled (all of them unless a timestep saw fewer than R rows).
 
     `timesteps` is ascending. Layers are named relative to the DiT (e.g. `transformer.layers.0.ff.ff.2`).
+    Statistics loaded from a format-1 file, or built by `placeholder`, may lack histograms and samples (empty
+    dicts).
     """
 
     timesteps: list[float]
     absmax: dict[str, torch.Tensor]
     forwards: int = 0  # DiT forward calls observed
     meta: dict = field(default_factory=dict)
+    histograms: dict[str, torch.Tensor] = field(default_factory=dict)
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)
+    sample_counts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     # ---- timestep groups ----------------------------------------------------------------------
 
@@ -45,98 +100,182 @@ class CalibrationStats:
         cuts = [round(k * n / n_groups) for k in range(1, n_groups)]
         return [(self.timesteps[c - 1] + self.timesteps[c]) / 2 for c in cuts]
 
-    def grouped_absmax(self, layer: str, boundaries: list[float]) -> torch.Tensor:
-        """Per-channel max |x| of `layer` within each timestep group: (G, in), G = len(boundaries) + 1."""
+    def _check_layer(self, layer: str) -> None:
         if layer not in self.absmax:
             raise ValueError(f"no calibration statistics for layer '{layer}' "
                              f"(were the stats recorded on a different model?)")
+
+    def _groups(self, boundaries: list[float]) -> torch.Tensor:
+        return torch.tensor([group_index(t, boundaries) for t in self.timesteps], dtype=torch.long)
+
+    def grouped_absmax(self, layer: str, boundaries: list[float]) -> torch.Tensor:
+        """Per-channel max |x| of `layer` within each timestep group: (G, in), G = len(boundaries) + 1."""
+        self._check_layer(layer)
         per_t = self.absmax[layer]
-        groups = torch.tensor([group_index(t, boundaries) for t in self.timesteps])
+        groups = self._groups(boundaries)
         out = torch.zeros(len(boundaries) + 1, per_t.shape[1])
         for g in range(out.shape[0]):
             out[g] = per_t[groups == g].amax(dim=0)
         return out
 
+    @property
+    def has_histograms(self) -> bool:
+        return bool(self.histograms) and set(self.histograms) >= set(self.absmax)
+
+    @property
+    def has_samples(self) -> bool:
+        return bool(self.samples) and set(self.samples) >= set(self.absmax)
+
+    def layer(self, layer: str, boundaries: list[float]) -> LayerCalibration:
+        """Everything recorded for `layer`, split into the timestep groups that `boundaries` define."""
+        self._check_layer(layer)
+        groups = self._groups(boundaries)
+        n_groups = len(boundaries) + 1
+        hist = samples = None
+        if layer in self.histograms:
+            per_t = self.histograms[layer].double()
+            hist = torch.stack([per_t[groups == g].sum(dim=0) for g in range(n_groups)])
+        if layer in self.samples:
+            rows, counts = self.samples[layer], self.sample_counts[layer]
+            samples = [torch.cat([rows[i, :int(counts[i])].float() for i in torch.nonzero(groups == g).flatten()])
+                       for g in range(n_groups)]
+        return LayerCalibration(self.grouped_absmax(layer, boundaries), self.absmax[layer].float(), groups,
+                                hist, samples)
+
     @classmethod
     def placeholder(cls, model: nn.Module, n_timesteps: int = 1) -> "CalibrationStats":
-        """Statistics of the right shapes (all ones) for every linear of the DiT: enough to quantize a model whose
-        bytes, not values, matter (memory reports of meta-device models)."""
+        """Statistics of the right shapes for every linear of the DiT (all ones; one sampled row per timestep):
+        enough to quantize a model whose bytes, not values, matter (memory reports of meta-device models)."""
         timesteps = [(i + 0.5) / n_timesteps for i in range(n_timesteps)]
-        return cls(timesteps, {name: torch.ones(n_timesteps, layer.in_features)
-                               for name, layer in linear_layers(find_dit(model)).items()})
+        layers = linear_layers(find_dit(model))
+        hist = histogram(torch.ones(1))
+        return cls(timesteps, {name: torch.ones(n_timesteps, layer.in_features) for name, layer in layers.items()},
+                   histograms={name: hist.repeat(n_timesteps, 1) for name in layers},
+                   samples={name: torch.ones(n_timesteps, 1, layer.in_features, dtype=SAMPLE_DTYPE)
+                            for name, layer in layers.items()},
+                   sample_counts={name: torch.ones(n_timesteps, dtype=torch.long) for name in layers})
 
     # ---- persistence --------------------------------------------------------------------------
 
     def save(self, path) -> None:
         from safetensors.torch import save_file
         tensors = {f"absmax::{name}": value.contiguous() for name, value in self.absmax.items()}
+        tensors.update({f"histogram::{name}": value.contiguous() for name, value in self.histograms.items()})
+        tensors.update({f"samples::{name}": value.contiguous() for name, value in self.samples.items()})
+        tensors.update({f"sample_counts::{name}": value.contiguous() for name, value in self.sample_counts.items()})
         tensors["timesteps"] = torch.tensor(self.timesteps, dtype=torch.float64)
         save_file(tensors, str(path), metadata={
             "format": _FORMAT, "forwards": str(self.forwards), "meta": json.dumps(self.meta)})
 
     @classmethod
     def load(cls, path) -> "CalibrationStats":
+        """Statistics written by `save` (format 2), or an older format-1 file (per-channel maxima only)."""
         from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            if metadata.get("format") != _FORMAT:
-                raise ValueError(f"{path} is not a calibration file (format {metadata.get('format')!r})")
-            absmax = {key.split("::", 1)[1]: f.get_tensor(key) for key in f.keys() if key.startswith("absmax::")}
+            if metadata.get("format") not in (_FORMAT, _FORMAT_MAX_ONLY):
+                raise ValueError(f"{path} is not a calibration file (format {metadata.get('format')!r}; "
+                                 f"this version reads {_FORMAT!r} and {_FORMAT_MAX_ONLY!r})")
+            parts: dict[str, dict[str, torch.Tensor]] = {}
+            for key in f.keys():
+                if "::" in key:
+                    kind, name = key.split("::", 1)
+                    parts.setdefault(kind, {})[name] = f.get_tensor(key)
             timesteps = f.get_tensor("timesteps").tolist()
-        return cls(timesteps, absmax, int(metadata.get("forwards", 0)), json.loads(metadata.get("meta", "{}")))
+        return cls(timesteps, parts.get("absmax", {}), int(metadata.get("forwards", 0)),
+                   json.loads(metadata.get("meta", "{}")), parts.get("histogram", {}), parts.get("samples", {}),
+                   parts.get("sample_counts", {}))
 
 
 class _Recorder:
-    """Forward hooks that fold each linear's input into per-timestep channel maxima."""
+    """Forward hooks that fold each linear's input into per-timestep channel maxima, |x| histograms and a
+    uniform sample of its rows (priority sampling: every row gets a random key from one seeded generator;
+    the R smallest keys seen so far are kept)."""
 
-    def __init__(self, tracker: TimestepTracker):
+    def __init__(self, tracker: TimestepTracker, sample_rows: int, seed: int = SAMPLE_SEED):
         self.tracker = tracker
-        self.per_layer: dict[str, dict[float, torch.Tensor]] = {}
+        self.sample_rows = sample_rows
+        self.generator = torch.Generator().manual_seed(seed)
+        self.per_layer: dict[str, dict[float, list]] = {}  # name -> t -> [absmax, histogram, keys, rows]
 
     def hook_for(self, name: str):
         per_t = self.per_layer.setdefault(name, {})
 
         def observe(module, args):
             x = args[0].detach()
-            channel_max = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float().cpu()  # (in,)
+            rows = x.reshape(-1, x.shape[-1])
+            channel_max = torch.maximum(rows.amax(dim=0), rows.amin(dim=0).neg()).float().cpu()  # (in,) max |x|
+            counts = histogram(rows).cpu()
             key = round(self.tracker.t, 6) if self.tracker.t is not None else 0.0
             seen = per_t.get(key)
-            per_t[key] = channel_max if seen is None else torch.maximum(seen, channel_max)
+            if seen is None:
+                seen = per_t[key] = [channel_max, counts, torch.empty(0), torch.empty(0, rows.shape[1],
+                                                                                     dtype=SAMPLE_DTYPE)]
+            else:
+                seen[0] = torch.maximum(seen[0], channel_max)
+                seen[1] += counts
+            if self.sample_rows:
+                keys = torch.rand(rows.shape[0], generator=self.generator)
+                n_old = seen[2].numel()
+                all_keys = torch.cat([seen[2], keys])
+                kept = torch.topk(all_keys, min(self.sample_rows, all_keys.numel()), largest=False).indices
+                from_old, from_new = kept[kept < n_old], kept[kept >= n_old] - n_old
+                seen[2] = torch.cat([seen[2][from_old], keys[from_new]])  # only the kept new rows leave the device
+                seen[3] = torch.cat([seen[3][from_old], rows[from_new.to(rows.device)].to("cpu", SAMPLE_DTYPE)])
         return observe
 
     def stats(self) -> CalibrationStats:
         timesteps = sorted({t for per_t in self.per_layer.values() for t in per_t})
-        absmax = {}
+        absmax, histograms, samples, sample_counts = {}, {}, {}, {}
         for name, per_t in self.per_layer.items():
             if not per_t:
                 continue
-            width = next(iter(per_t.values())).shape[0]
-            absmax[name] = torch.stack([per_t.get(t, torch.zeros(width)) for t in timesteps])
-        return CalibrationStats(timesteps, absmax, self.tracker.calls)
+            width = next(iter(per_t.values()))[0].shape[0]
+            absmax[name] = torch.stack([per_t[t][0] if t in per_t else torch.zeros(width) for t in timesteps])
+            histograms[name] = torch.stack([per_t[t][1] if t in per_t else torch.zeros(N_BINS, dtype=torch.float64)
+                                            for t in timesteps])
+            if self.sample_rows:
+                block = torch.zeros(len(timesteps), self.sample_rows, width, dtype=SAMPLE_DTYPE)
+                counts = torch.zeros(len(timesteps), dtype=torch.long)
+                for i, t in enumerate(timesteps):
+                    if t in per_t:
+                        rows = per_t[t][3]
+                        block[i, :rows.shape[0]] = rows
+                        counts[i] = rows.shape[0]
+                samples[name], sample_counts[name] = block, counts
+        return CalibrationStats(timesteps, absmax, self.tracker.calls, histograms=histograms, samples=samples,
+                                sample_counts=sample_counts)
 
 
 @torch.no_grad()
 def calibrate(model: nn.Module, forward_loop, *, progress: bool = True, total: int | None = None,
-              description: str = "calibrating (DiT forwards)") -> CalibrationStats:
+              description: str = "calibrating (DiT forwards)", sample_rows: int = SAMPLE_ROWS) -> CalibrationStats:
     """Run `forward_loop()` (a zero-argument callable that drives the FP model, e.g. the SAT sampler
     over calibration prompts) and record, for every linear of the DiT and every timestep seen, the
-    per-input-channel max |x|.
+    per-input-channel max |x|, a histogram of |x| and `sample_rows` sampled input rows (see the module docstring).
 
     Timesteps are rounded to 6 decimals; calls at the same t (several prompts, same schedule) merge.
     total: the DiT forwards `forward_loop` will make, when the caller knows: the progress bar then shows an ETA.
+    sample_rows: rows kept per layer and timestep (0 = none: recipes with a smoothed or rotated static
+    estimator, or an alpha search, then cannot use these statistics).
     """
+    if not isinstance(sample_rows, int) or sample_rows < 0:
+        raise ValueError(f"calibrate: sample_rows must be an integer >= 0, got {sample_rows!r}")
     dit = find_dit(model)
     layers = linear_layers(dit)
     if not layers:
         raise ValueError("calibrate: the model has no nn.Linear layers to observe")
     handles = []
     with TimestepTracker(dit) as tracker:
-        recorder = _Recorder(tracker)
+        recorder = _Recorder(tracker, sample_rows)
         handles = [layer.register_forward_pre_hook(recorder.hook_for(name)) for name, layer in layers.items()]
         if progress:
             from tqdm.auto import tqdm
             bar = tqdm(desc=description, unit="fwd", total=total)
-            handles.append(dit.register_forward_hook(lambda *_: bar.update(1)))
+
+            def count(*_) -> None:  # a forward hook's non-None return would replace the DiT's output
+                bar.update(1)
+            handles.append(dit.register_forward_hook(count))
         try:
             forward_loop()
         finally:

@@ -14,6 +14,9 @@ METHODS = ACTIVATION_METHODS + ("weight-only",)
 BACKENDS = ("simulated", "integer")
 LORA_DTYPES = ("float32", "float16", "bfloat16")
 LORA_INITS = ("svd", "random")
+ESTIMATORS = ("max", "percentile", "mse")  # see quant/estimators.py
+SMOOTHINGS = ("per-group", "max", "mean")  # see Recipe.smoothing
+ALPHA_SEARCH = "search"
 
 # Layers kept in full precision by default (fnmatch patterns on names relative to the DiT).
 # Together they hold < 1 % of SAO's DiT weights, so skipping them costs almost no memory.
@@ -44,10 +47,25 @@ class Recipe:
         method: "static" (per-tensor activation scale from calibration), "dynamic" (per-token scale at
             run time), "smoothquant" (static + smoothing), "sqd" (dynamic + timestep-aware smoothing),
             "weight-only".
-        alpha: SmoothQuant migration strength in [0, 1].
-        timestep_groups: number of timestep groups with their own smoothing (sqd, smoothquant) or
-            activation scale (static); 1 = one for all timesteps. Costs one weight copy per group
-            when smoothing (the smoothed weight differs per group).
+        alpha: SmoothQuant migration strength in [0, 1], or "search": per layer (and per smoothing vector), the
+            value of `smooth.ALPHA_GRID` whose quantized output is closest to the float output on the layer's
+            calibration sample rows (0.5 is on the grid, so the search is never worse than 0.5 there).
+        timestep_groups: number of timestep groups; 1 = one for all timesteps. Static activations (static,
+            smoothquant) get one calibrated per-tensor scale per group (no weight copy); smoothing recipes with
+            smoothing="per-group" get one smoothing vector per group, each folded into its own weight copy.
+        estimator: how a static activation scale is taken from calibration (static, smoothquant): "max" (the
+            largest |x|), "percentile" (the `percentile`-th percentile of |x|), "mse" (the clip value with the
+            least expected quantization error). See quant/estimators.py.
+        percentile: in (0, 100], for estimator="percentile".
+        smoothing: how smoothing vectors follow the timestep groups (smoothquant, sqd). "per-group": one vector
+            per group from that group's per-channel max, each folded into its own weight copy (the paper's SQD:
+            G weight copies). "max": one vector from the per-channel max over all timesteps (the worst case),
+            one weight copy. "mean": one vector from the per-timestep channel profiles (each timestep's
+            per-channel max divided by its own per-tensor max, so quiet steps count as much as loud ones),
+            averaged and rescaled to the overall max, one weight copy.
+        rotation: None, or the block size (a power of two dividing every quantized layer's in_features) of a
+            block-diagonal Hadamard rotation of the input channels: the weight is rotated once before
+            quantizing, the activation at run time before it is quantized. See quant/rotation.py.
         lora_rank: rank of the SVD low-rank branch on the residual weight error (0 = none).
         lora_iterations: alternations Q = Q(W - L), L = SVD_r(W - Q) (1 = plain SVD of W - Q(W)).
         lora_dtype: dtype the branch is stored and run in.
@@ -65,7 +83,7 @@ class Recipe:
     w_bits: int = 8
     a_bits: int = 8
     method: str = "dynamic"
-    alpha: float = 0.5
+    alpha: float | str = 0.5
     timestep_groups: int = 1
     lora_rank: int = 0
     lora_iterations: int = 1
@@ -74,6 +92,10 @@ class Recipe:
     group_size: int | None = None
     skip: tuple[str, ...] = DEFAULT_SKIP
     backend: str = "integer"
+    estimator: str = "max"
+    percentile: float = 99.99
+    smoothing: str = "per-group"
+    rotation: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "skip", tuple(self.skip))
@@ -92,8 +114,36 @@ class Recipe:
             raise ValueError("Recipe.w_bits=16 with a_bits=16 quantizes nothing")
         if self.w_bits == 16 and self.backend == "integer":
             raise ValueError("Recipe.w_bits=16 keeps float weights: use backend='simulated'")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"Recipe.alpha must be in [0, 1], got {self.alpha}")
+        if self.alpha == ALPHA_SEARCH:
+            if not self.smooths:
+                raise ValueError(f"Recipe.alpha='search' picks a smoothing strength: it needs method smoothquant "
+                                 f"or sqd, not '{self.method}'")
+        elif isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"Recipe.alpha must be a number in [0, 1] or 'search', got {self.alpha!r}")
+        _check_choice("estimator", self.estimator, ESTIMATORS)
+        if (isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float))
+                or not 0.0 < self.percentile <= 100.0):
+            raise ValueError(f"Recipe.percentile must be a number in (0, 100], got {self.percentile!r}")
+        if self.estimator != "max" and not self.static_activations:
+            raise ValueError(f"Recipe.estimator='{self.estimator}' sets a calibrated static activation scale: it "
+                             f"needs method static or smoothquant, not '{self.method}' "
+                             f"({'per-token scales at run time' if self.dynamic_activations else 'float activations'})")
+        _check_choice("smoothing", self.smoothing, SMOOTHINGS)
+        if self.smoothing != "per-group" and not self.smooths:
+            raise ValueError(f"Recipe.smoothing='{self.smoothing}' chooses smoothing vectors: it needs method "
+                             f"smoothquant or sqd, not '{self.method}'")
+        if self.smoothing != "per-group" and self.dynamic_activations and self.timestep_groups > 1:
+            raise ValueError(f"Recipe.smoothing='{self.smoothing}' keeps one smoothing vector and '{self.method}' "
+                             f"scales activations per token at run time: nothing depends on the timestep "
+                             f"group, so timestep_groups must be 1 (got {self.timestep_groups})")
+        if self.rotation is not None:
+            if (isinstance(self.rotation, bool) or not isinstance(self.rotation, int) or self.rotation < 2
+                    or self.rotation & (self.rotation - 1)):
+                raise ValueError(f"Recipe.rotation must be None or a power of two >= 2 (the Hadamard block), "
+                                 f"got {self.rotation!r}")
+            if not self.quantizes_activations:
+                raise ValueError("Recipe.rotation rotates the activation before it is quantized: it needs a "
+                                 "method that quantizes activations, not 'weight-only'")
         if not isinstance(self.timestep_groups, int) or self.timestep_groups < 1:
             raise ValueError(f"Recipe.timestep_groups must be an integer >= 1, got {self.timestep_groups!r}")
         if self.timestep_groups > 1 and not self.needs_calibration:
@@ -125,6 +175,33 @@ class Recipe:
     @property
     def dynamic_activations(self) -> bool:
         return self.method in ("dynamic", "sqd")
+
+    @property
+    def static_activations(self) -> bool:
+        """A calibrated per-tensor activation scale (per timestep group): static, smoothquant."""
+        return self.method in ("static", "smoothquant")
+
+    @property
+    def alpha_search(self) -> bool:
+        return self.alpha == ALPHA_SEARCH
+
+    @property
+    def weight_copies(self) -> int:
+        """Quantized weight copies per layer: one per timestep group with per-group smoothing, else one."""
+        return self.timestep_groups if self.smooths and self.smoothing == "per-group" else 1
+
+    @property
+    def needs_samples(self) -> bool:
+        """Calibration sample rows are needed: for an alpha search, and for a static scale of a transformed
+        (smoothed or rotated) activation other than the exact max bound of a smoothed one."""
+        transformed = self.smooths or self.rotation is not None
+        return self.alpha_search or (self.static_activations and transformed
+                                     and (self.estimator != "max" or self.rotation is not None))
+
+    @property
+    def needs_histograms(self) -> bool:
+        """|x| histograms are needed: percentile / mse scales of the raw (untransformed) activation."""
+        return self.estimator != "max" and not self.smooths and self.rotation is None
 
     @property
     def quantizes_activations(self) -> bool:

@@ -1,7 +1,7 @@
 """Tiny random stable-audio-tools models for tests: real SAT classes, every branch live.
 
 SAT zero-initialises the transformer blocks' output projections and the pre/post 1x1 convs, so a
-freshly built DiT has dead residual branches; `make_live` re-initialises every Linear and Conv with
+freshly built DiT has dead residual branches; `lab.sat.make_live` re-initialises every Linear and Conv with
 PyTorch's default (Kaiming-uniform) init so quantization errors actually show.
 
     model = tiny_diffusion_cond()                # SAT ConditionedDiffusionModelWrapper, no pretransform
@@ -12,6 +12,8 @@ import copy
 
 import torch
 from torch import nn
+
+from lab.sat import make_live
 
 TINY_DIT = dict(
     io_channels=8,
@@ -49,17 +51,6 @@ TINY_CONFIG = {
         },
     },
 }
-
-
-def make_live(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Re-initialise every Linear and Conv1d (SAT zero-inits some) so every residual branch is active."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d)):
-            module.reset_parameters()
-    torch.random.set_rng_state(generator_state)
-    return model
 
 
 def tiny_dit(seed: int = 0, **overrides) -> nn.Module:

@@ -12,14 +12,15 @@ import logging
 import gradio as gr
 import pandas as pd
 
+from lab import sat
 from lab.comparison import Lab
 from lab.generation import CFG_RANGE, SAMPLERS, STEPS_RANGE, GenerationRequest
-from lab.quantized import METHODS, PRECISIONS, WEIGHT_ONLY, recipe_name
+from lab.quantized import METHODS, PRECISIONS, WEIGHT_ONLY, describe, recipe_name
 from lab.study import StudyDefinition, analyse
 from lab.study.registry import Studies
 
 log = logging.getLogger(__name__)
-DEFAULT_RECIPE = dict(precision="W8A8", method="sqd")
+DECODED_STEPS = 25  # estimates decoded per clip when the per-step log-mel distance is asked for
 
 
 def user_errors(fn):
@@ -33,6 +34,30 @@ def user_errors(fn):
             log.info("request refused: %s", err)
             raise gr.Error(str(err), print_exception=False) from None
     return wrapper
+
+
+def unknown_words_message(model, prompt: str, negative_prompt: str = "") -> str:
+    """'' when the model's tokenizer knows every word of both prompts; else what a user needs to know before
+    generating: a word-level tokenizer reads each unknown word as one meaningless token."""
+    unknown = sat.unknown_words(model, f"{prompt} {negative_prompt}")
+    if not unknown:
+        return ""
+    return (f"This model does not know {', '.join(repr(word) for word in unknown)}: its tokenizer reads each as one "
+            f"unknown token, so the clip would not follow the prompt. Use the words of its prompt grammar "
+            f"(the examples under the prompt).")
+
+
+def sampler_choices(guide: sat.ModelGuide) -> tuple[list[str], tuple[float, float], str]:
+    """(samplers, CFG slider range, what to tell the user): the samplers generation.json validates the model for
+    and the span of their CFG ranges, else every sampler and the full range (SAO, any model without a
+    `validated` entry)."""
+    if not guide.validated:
+        return list(SAMPLERS), CFG_RANGE, ""
+    ranges = {name: guide.cfg_range(name) for name in SAMPLERS if name in guide.samplers}
+    span = (min(low for low, _ in ranges.values()), max(high for _, high in ranges.values()))
+    return list(ranges), span, "Validated for this model (generation.json): " + ", ".join(
+        f"{name} at CFG {low:g}-{high:g}" if low != high else f"{name} at CFG {low:g}"
+        for name, (low, high) in ranges.items())
 
 
 def template_definition() -> str:
@@ -64,6 +89,8 @@ def studies_table(studies: Studies) -> pd.DataFrame:
 def build_console(lab: Lab, studies: Studies, *, concurrency_limit: int = 1, on_gpu=lambda fn: fn) -> gr.Blocks:
     loaded = lab.loaded
     sampling = loaded.sampling  # the model's own defaults (generation.json next to its config)
+    first = lab.default_recipe()  # never one that would calibrate on the first click
+    samplers, cfg_range, validated = sampler_choices(loaded.guide)
     # delete_cache: Gradio's copies of served WAVs older than an hour go, checked hourly
     with gr.Blocks(title="Audio DiT PTQ Lab · experimenter", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# Audio DiT PTQ Lab <small>v{lab.version}</small>\nSame prompt, same seed, same initial "
@@ -73,19 +100,29 @@ def build_console(lab: Lab, studies: Studies, *, concurrency_limit: int = 1, on_
             with gr.Row():
                 prompt = gr.Textbox(label="Prompt", value="sine tone at A4", scale=3, elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", scale=2)
+            prompt_note = gr.Markdown(elem_id="prompt-note")
+            if loaded.guide.example_prompts:
+                gr.Examples([[text] for text in loaded.guide.example_prompts], inputs=[prompt],
+                            label="Prompt grammar: one example per family (from generation.json)")
             with gr.Row():
                 seconds = gr.Slider(0.5, lab.max_seconds, value=min(sampling.seconds or 2.0, lab.max_seconds),
                                     step=0.1, label="Seconds")
                 steps = gr.Slider(*STEPS_RANGE, value=sampling.steps, step=1, label="Steps")
-                cfg = gr.Slider(*CFG_RANGE, value=sampling.cfg_scale, step=0.5, label="CFG scale")
-                sampler = gr.Dropdown(list(SAMPLERS), value=sampling.sampler_type, label="Sampler")
+                cfg = gr.Slider(*cfg_range, value=sampling.cfg_scale, step=0.5, label="CFG scale")
+                sampler = gr.Dropdown(samplers, value=sampling.sampler_type, label="Sampler", info=validated or None)
                 seed = gr.Textbox(label="Seed (blank = random)", elem_id="seed")
             with gr.Row():
-                precision = gr.Dropdown(list(PRECISIONS), value=DEFAULT_RECIPE["precision"], label="Precision",
+                precision = gr.Dropdown(list(PRECISIONS), value=describe(first)[0], label="Precision",
                                         info="W8A16/W4A16 are weight-only: no activation method")
-                method = gr.Dropdown(list(METHODS), value=DEFAULT_RECIPE["method"], label="Method")
-                lora = gr.Checkbox(label="+ LoRA (low-rank branch on the weight error)")
+                method = gr.Dropdown(list(METHODS), value=first.method if first.method in METHODS else "dynamic",
+                                     label="Method", interactive=first.method in METHODS)
+                lora = gr.Checkbox(value=bool(first.lora_rank), label="+ LoRA (low-rank branch on the weight error)")
                 layer = gr.Dropdown(lab.layers, value=lab.default_layer(), label="Layer for activation statistics")
+            with gr.Row():
+                calibration_note = gr.Markdown(lab.calibration_status(first.name), elem_id="calibration-note")
+                calibrate = gr.Button("Calibrate", scale=0, elem_id="calibrate")
+                decode_steps = gr.Checkbox(label="Decode per-step estimates (per-step log-mel distance: two decodes "
+                                                 "per step, slower)", elem_id="decode-steps")
             generate = gr.Button("Generate both", variant="primary", elem_id="generate")
             summary = gr.Markdown(label="Summary", elem_id="summary")
             with gr.Row():
@@ -121,20 +158,47 @@ def build_console(lab: Lab, studies: Studies, *, concurrency_limit: int = 1, on_
         precision.change(lambda p: gr.Dropdown(interactive=p not in WEIGHT_ONLY), inputs=precision, outputs=method,
                          api_visibility="private")
 
+        @user_errors
+        def show_calibration_status(precision, method, lora):
+            return lab.calibration_status(recipe_name(precision, method, lora))
+
+        for choice in (precision, method, lora):
+            choice.change(show_calibration_status, inputs=[precision, method, lora], outputs=calibration_note,
+                          api_visibility="private")
+
+        @on_gpu
+        @user_errors
+        def run_calibrate(precision, method, lora, progress=gr.Progress(track_tqdm=True)):
+            done = lab.calibrate()
+            return f"{done}\n\n{lab.calibration_status(recipe_name(precision, method, lora))}"
+
+        # its own queue: a long calibration never holds the slot generations wait for
+        calibrate.click(run_calibrate, inputs=[precision, method, lora], outputs=calibration_note, api_name="calibrate",
+                        concurrency_limit=1, concurrency_id="calibration")
+
+        for box in (prompt, negative):
+            box.change(lambda text, negative_text: unknown_words_message(loaded.model, text, negative_text),
+                       inputs=[prompt, negative], outputs=prompt_note, api_visibility="private")
+
         @on_gpu
         @user_errors
         def run_compare(prompt, negative, seconds, steps, cfg, sampler, seed, precision, method, lora, layer,
-                        progress=gr.Progress(track_tqdm=True)):
+                        decode_steps=False, progress=gr.Progress(track_tqdm=True)):
+            if message := unknown_words_message(loaded.model, str(prompt or ""), str(negative or "")):
+                raise ValueError(message)
             request = GenerationRequest.from_ui(prompt=prompt, negative_prompt=negative, seconds=seconds,
                                                 steps=steps, cfg_scale=cfg, sampler=sampler, seed=seed,
                                                 defaults=sampling)
+            if message := loaded.guide.refusal(request.sampler, request.cfg_scale):
+                raise ValueError(message)
             view = lab.compare(request, recipe_name(precision, method, lora), layer or None,
-                               on_clip=lambda name: progress(0, desc=f"Generating: {name}"))
+                               on_clip=lambda name: progress(0, desc=f"Generating: {name}"),
+                               decode_steps=DECODED_STEPS if decode_steps else 0)
             return (str(view.full_precision_wav), str(view.quantized_wav), view.summary, view.spectrograms,
                     view.step_metrics, view.activation_heatmap, view.activation_steps, view.channel_outliers)
 
         generate.click(run_compare, inputs=[prompt, negative, seconds, steps, cfg, sampler, seed, precision, method,
-                                            lora, layer],
+                                            lora, layer, decode_steps],
                        outputs=[fp_audio, q_audio, summary, spectrograms, step_metrics, activation_heatmap,
                                 activation_steps, channel_outliers],
                        api_name="generate", concurrency_limit=concurrency_limit, concurrency_id="generation")

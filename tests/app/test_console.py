@@ -48,8 +48,8 @@ def test_generate_returns_a_loudness_matched_pair_and_figures(served):
 
 @pytest.mark.parametrize("change, message", [
     ({0: ""}, "prompt is empty"),
-    ({0: "x" * 600}, "at most 500"),
-    ({1: "y" * 600}, "negative prompt"),
+    ({0: "sine " * 120}, "at most 500"),  # known words: the length is what is wrong
+    ({1: "noise " * 100}, "negative prompt"),
     ({6: "abc"}, "Seed must be a whole number"),
     ({6: "-3"}, "Seed must be a whole number"),
     ({3: 2.5}, "Steps must be a whole number"),
@@ -67,6 +67,88 @@ def test_a_bad_request_on_an_uncached_calibrating_recipe_calibrates_nothing(serv
     with pytest.raises(AppError, match="prompt is empty"):
         console(url).predict(*request, "W4A8", "smoothquant", True, LAYER, api_name="/generate")
     assert "w4a8-smoothquant+lora" not in lab.quantized.cached_names
+
+
+def test_a_calibrated_recipe_waits_for_an_explicit_calibration(served):
+    url, lab, _ = served
+    client = console(url)
+    with pytest.raises(AppError, match=r"needs calibration statistics first: .*DiT forwards.*Calibrate"):
+        client.predict(*REQUEST, "W8A8", "smoothquant", False, LAYER, api_name="/generate")
+    assert not lab.quantized.stats_ready and "w8a8-smoothquant" not in lab.quantized.cached_names
+    note = client.predict("W8A8", "smoothquant", False, api_name="/calibrate")
+    assert "Calibrated in" in note and "`w8a8-smoothquant`: calibration statistics are ready" in note
+    summary = client.predict(*REQUEST, "W8A8", "smoothquant", False, LAYER, api_name="/generate")[2]
+    assert "w8a8-smoothquant" in summary
+
+
+def test_calibration_has_a_queue_of_its_own_and_the_default_recipe_calibrates_nothing(tiny_audio, tmp_path):
+    from lab.comparison import Lab
+    from lab.quantized import QuantizedModels
+    from lab.study.registry import Studies
+    from lab.ui.console import build_console
+
+    models = QuantizedModels(tiny_audio, cache_dir=tmp_path / "cache", calibration_prompts=["white noise"])
+    blocks = build_console(Lab(tiny_audio, models, tmp_path / "out"), Studies(tmp_path / "studies"))
+    queues = {fn.api_name: fn.concurrency_id for fn in blocks.fns.values()}
+    assert queues["calibrate"] != queues["generate"] == queues["build_study"]
+    values = {getattr(block, "label", None): getattr(block, "value", None) for block in blocks.blocks.values()}
+    assert (values["Precision"], values["Method"]) == ("W8A8", "dynamic")
+
+
+def test_unknown_words_are_refused_before_anything_is_generated(served):
+    url, lab, _ = served
+    before = sorted(lab.output_dir.rglob("*"))
+    with pytest.raises(AppError, match=r"does not know 'a', 'dog', 'barking'"):
+        console(url).predict("a dog barking", *REQUEST[1:], "W8A8", "dynamic", False, LAYER, api_name="/generate")
+    with pytest.raises(AppError, match=r"does not know 'violin'"):
+        console(url).predict(REQUEST[0], "violin", *REQUEST[2:], "W8A8", "dynamic", False, LAYER,
+                             api_name="/generate")
+    assert sorted(lab.output_dir.rglob("*")) == before
+
+
+def test_unknown_words_message_names_only_the_words_a_word_level_tokenizer_lacks(tiny_audio):
+    from lab.ui.console import unknown_words_message
+
+    assert unknown_words_message(tiny_audio.model, "sine tone at a4", "white noise") == ""
+    message = unknown_words_message(tiny_audio.model, "sine tone at a4 please", "a dog")
+    assert "'please', 'a', 'dog'" in message and "examples" in message
+
+
+def test_the_sampler_choices_are_those_generation_json_validates(tiny_audio_files, tmp_path):
+    """A model whose generation.json has a `validated` entry is offered only those samplers, in the span of their
+    CFG ranges, with the grammar's examples under the prompt; a model without one (SAO) is offered every sampler."""
+    import json
+    import shutil
+
+    from lab.comparison import Lab
+    from lab.generation import CFG_RANGE, SAMPLERS
+    from lab.quantized import QuantizedModels
+    from lab.sat import ModelGuide, load_model
+    from lab.study.registry import Studies
+    from lab.ui.console import build_console, sampler_choices
+
+    assert sampler_choices(ModelGuide()) == (list(SAMPLERS), CFG_RANGE, "")
+    config_path, ckpt_path = tiny_audio_files
+    folder = tmp_path / "model"
+    shutil.copytree(config_path.parent, folder)
+    (folder / "generation.json").write_text(json.dumps({
+        "steps": 4, "cfg_scale": 2.0, "sampler_type": "v-ddim",
+        "validated": {"samplers": {"v-ddim": [1.5, 5], "dpmpp-3m-sde": [1.5, 1.5]}, "command": "ptq-adherence"},
+        "example_prompts": ["sine tone at a4", "white noise"]}))
+    loaded = load_model(model_config=folder / config_path.name, ckpt_path=folder / ckpt_path.name)
+    assert loaded.guide == ModelGuide(validated=(("v-ddim", 1.5, 5.0), ("dpmpp-3m-sde", 1.5, 1.5)),
+                                      validated_by="ptq-adherence", example_prompts=("sine tone at a4", "white noise"))
+    assert loaded.guide.refusal("v-ddim", 5.0) == "" and "at CFG 1.5 only" in loaded.guide.refusal("dpmpp-3m-sde", 3)
+    assert "v-ddim, dpmpp-3m-sde only" in loaded.guide.refusal("k-heun", 1.5)
+    models = QuantizedModels(loaded, cache_dir=tmp_path / "cache", calibration_prompts=["white noise"])
+    blocks = build_console(Lab(loaded, models, tmp_path / "out"), Studies(tmp_path / "studies"))
+    widgets = {getattr(block, "label", None): block for block in blocks.blocks.values()}
+    assert [value for _, value in widgets["Sampler"].choices] == ["dpmpp-3m-sde", "v-ddim"]  # the app's order
+    assert widgets["Sampler"].info == ("Validated for this model (generation.json): dpmpp-3m-sde at CFG 1.5, "
+                                       "v-ddim at CFG 1.5-5")
+    assert (widgets["CFG scale"].minimum, widgets["CFG scale"].maximum) == (1.5, 5.0)
+    examples = next(block for block in blocks.blocks.values() if type(block).__name__ == "Dataset")
+    assert [row[0] for row in examples.samples] == ["sine tone at a4", "white noise"]
 
 
 @pytest.mark.parametrize("precision, method", [("W2A2", "sqd"), ("W8A8", "gptq")])
@@ -113,6 +195,21 @@ def test_missing_or_corrupt_checkpoint_stops_the_cli_with_a_message(tmp_path, ca
                       "--studies-dir", str(tmp_path / "studies")])
         message = str(stop.value)
         assert "unreadable" in message or "not found" in message
+
+
+def test_a_space_serves_files_and_statistics_named_in_its_environment(monkeypatch):
+    from lab.settings import Settings
+
+    monkeypatch.setenv("LAB_QUANTIZED", "a.safetensors:b.safetensors")
+    monkeypatch.setenv("LAB_CALIBRATION_STATS", "stats.safetensors")
+    monkeypatch.setenv("LAB_CALIBRATION_SECONDS", "3")
+    settings = Settings.from_env()
+    args = app.parse_args([], settings)
+    assert args.quantized == ["a.safetensors", "b.safetensors"] and str(args.calibration_stats) == "stats.safetensors"
+    assert settings.calibration_seconds == 3.0 and settings.calibration_steps is None
+    monkeypatch.setenv("LAB_CALIBRATION_STEPS", "many")
+    with pytest.raises(ValueError, match="LAB_CALIBRATION_STEPS must be an integer"):
+        Settings.from_env()
 
 
 def test_help_answers_before_torch_loads():

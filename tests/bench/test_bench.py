@@ -63,6 +63,20 @@ def test_check_targets_compares_each_value_with_its_threshold():
     assert rows["w8a8-static"]["speed"]["x_fastest_float"] == 1.0 and rows["fp32"]["speed"]["x_fastest_float"] == 0.25
 
 
+def test_rows_timed_alongside_fp32_are_read_at_the_fp32_rows_pace():
+    # w8a8-static ran while the machine was busy (fp32 alongside it took 12 s, not 8): its speed-up is 12 / 3
+    rows = {"fp32": {"speed": {"float_s": 8.0}}, "bf16": {"speed": {"float_s": 32.0}},
+            "w8a8-static": {"speed": {"integer_s": 3.0, "fp32_paired_s": 12.0}},
+            "w8a8-dynamic": {"speed": {"integer_s": 2.2, "fp32_paired_s": 8.0}}}
+    assert targets.row_seconds(rows, "w8a8-static") == 2.0
+    targets.add_speedups(rows)
+    assert rows["w8a8-static"]["speed"]["integer_x_fp32"] == 4.0
+    assert rows["w8a8-static"]["speed"]["x_fastest_float"] == 4.0 and rows["w8a8-static"]["speed"]["x_bf16"] == 16.0
+    checked = targets.check_targets(rows)
+    assert _target(checked, "W8A8 static integer DiT forward, speed-up vs fp32")["value"] == 4.0
+    assert _target(checked, "W8A8 dynamic time / W8A8 static time (integer)")["value"] == pytest.approx(1.1)
+
+
 def test_cli_rejects_unknown_recipe_and_missing_ratings(tmp_path):
     with pytest.raises(SystemExit, match="valid presets"):
         run.main(["--quick", "--recipes", "w9a9-magic", "--out", str(tmp_path)])
@@ -90,3 +104,14 @@ def test_mos_rows_from_a_study_ratings_csv(tmp_path):
 def test_clap_says_why_it_did_not_run(tmp_path):
     assert "not run" in external.clap_metrics(None, "HTSAT-tiny", [], {}, 16000)["status"]
     assert "not found" in external.clap_metrics(tmp_path / "clap.pt", "HTSAT-tiny", ["x"], {"fp32": None}, 16000)["status"]
+
+
+def test_kernel_table_times_every_path_at_each_sao_shape():
+    from bench import kernels as kernel_bench
+
+    table = kernel_bench.kernel_table(tokens=4, reps=1)
+    assert list(table) == [f"{k} x {n}" for k, n in kernel_bench.SAO_LINEAR_SHAPES]
+    for timings in table.values():
+        assert {"fp32 F.linear", "bf16 F.linear", "W8A8 int_mm dynamic", "quantize per token (dynamic)"} <= set(timings)
+        assert sum(name.startswith(("W8A16", "W4A16")) for name in timings) == 6  # 3 paths x 2 weight widths
+        assert all(ms > 0 for ms in timings.values())

@@ -49,6 +49,7 @@ def test_ground_truth_audio_is_judged_adherent(ground_truth):
     assert table["all"]["accuracy"] >= 0.95, adherence.format_table(results)
     assert all(row["accuracy"] >= 5 / 6 for row in table.values()), adherence.format_table(results)
     assert table["all"]["level_accuracy"] >= 0.95
+    assert table["all"]["buzz"] == 0, [(r["prompt"], r["peak_hz"]) for r in results if r["buzz"]]
 
 
 def test_audio_of_another_caption_is_rejected(ground_truth):
@@ -81,6 +82,41 @@ def test_a_tone_is_not_noise_and_silence_adheres_to_nothing():
     assert not any(adherence.evaluate(f"{c} noise", tone, SR)["ok"] for c in corpus.NOISE_COLOURS)
     silent = adherence.evaluate("white noise", np.zeros(corpus.CLIP_SAMPLES), SR)
     assert silent["ok"] is False and silent["silent"]
+
+
+def _frame_periodic(seed: int, hop: int = 256) -> np.ndarray:
+    """What a latent that is the same in every frame decodes to: one random hop-long waveform, repeated."""
+    frame = np.random.default_rng(seed).standard_normal(hop)
+    return 0.3 * np.tile(frame, corpus.CLIP_SAMPLES // hop)
+
+
+@pytest.mark.parametrize("prompt", ["sine tone at C4", "plucked string playing E5", "white noise",
+                                    "kick drum at 150 bpm", "rising sine sweep"])
+def test_a_waveform_that_repeats_every_hop_is_a_buzz(prompt):
+    result = adherence.evaluate(prompt, _frame_periodic(seed=len(prompt)), SR)
+    assert result["buzz"], result
+    assert result["peak_hz"] % adherence.FRAME_RATE_HZ == pytest.approx(0, abs=adherence.BUZZ_TOLERANCE_HZ)
+
+
+def test_a_line_on_the_frame_rate_is_no_buzz_when_the_caption_asks_for_that_pitch():
+    """437.5 Hz is 7 x 62.5 Hz and 0.1 semitone under A4: an A4 tone may sit there, a C4 tone may not."""
+    line = 0.5 * np.sin(2 * np.pi * 7 * adherence.FRAME_RATE_HZ * np.arange(corpus.CLIP_SAMPLES) / SR)
+    assert not adherence.evaluate("sine tone at A4", line, SR)["buzz"]
+    assert not adherence.evaluate("sine major chord on F4", line, SR)["buzz"]  # F4 A4 C5
+    assert adherence.evaluate("sine tone at C4", line, SR)["buzz"]
+    assert not adherence.evaluate("sine tone at C4", corpus.synthesize("sine tone at C4"), SR)["buzz"]
+    # another model's frame rate: the same line is on a multiple of 62.5 Hz but not of 50 Hz
+    assert not adherence.evaluate("sine tone at C4", line, SR, frame_rate=50.0)["buzz"]
+
+
+def test_sweep_table_has_a_column_per_setting_and_counts_buzzing_clips():
+    clips = [("sine tone at C4", corpus.synthesize("sine tone at C4")), ("white noise", _frame_periodic(1))]
+    results = {"v-ddim CFG 1.5": adherence.evaluate_many(clips, SR),
+               "dpmpp-3m-sde CFG 5": adherence.evaluate_many(clips[:1], SR)}
+    lines = adherence.sweep_table(results).splitlines()
+    assert lines[0] == "| family | v-ddim CFG 1.5 | dpmpp-3m-sde CFG 5 |"
+    assert "| tone | 1 / 1 | 1 / 1 |" in lines and "| noise | 0 / 1 |  |" in lines
+    assert "| all | 1 / 2 | 1 / 1 |" in lines and lines[-1] == "| buzzing clips | 1 | 0 |"
 
 
 def test_accepts_tensors_and_stereo_and_reports_details():
@@ -123,6 +159,8 @@ def test_cli_checks_the_corpus_audio_of_a_prompt_file(tmp_path, capsys):
     (["--override", "[3]"], "must be a JSON object"),
     (["--override", "{cfg_scale: 3}"], "not valid JSON"),
     (["--prompts", "no/such/file.txt"], "not found"),
+    (["--sampler", "v-ddim", "euler"], "unknown euler.*dpmpp-3m-sde"),
+    (["--set", "ground-truth", "--cfg", "5"], "need a model"),
 ])
 def test_cli_rejects_bad_arguments_before_loading_a_model(argv, message, capsys, monkeypatch):
     import lab.sat

@@ -19,7 +19,7 @@ from lab.generation import (
     linear_layer_names,
     parse_seed,
 )
-from lab.quantized import QuantizedModels, calibrate, describe, recipe_name
+from lab.quantized import QuantizedModels, calibrate, describe, recipe_name, save_quantized
 from lab.resources import read_prompts
 from lab.sat import SamplerSettings
 
@@ -52,17 +52,19 @@ def test_same_seed_same_clip_and_seed_matters(loaded, sampler):
 
 
 def test_pair_of_identical_models_has_no_error(loaded):
-    pair = generate_pair(loaded, loaded.fresh_copy(), REQUEST, trace_layer=LAYER)
+    pair = generate_pair(loaded, loaded.fresh_copy(), REQUEST, trace_layer=LAYER, decode_steps=3)
     np.testing.assert_array_equal(pair.full_precision.audio, pair.quantized.audio)
-    assert (pair.step_snr_db == 120.0).all() and np.allclose(pair.step_logmel_db, 0.0)
+    assert (pair.step_snr_db == 120.0).all() and pair.logmel_db == 0.0
+    assert list(pair.step_logmel_steps) == [0, 2, 5] and np.allclose(pair.step_logmel_db, 0.0)
 
 
 def test_quantized_pair_records_error_and_activations(loaded, models):
     model, recipe = models.get("w4a8-sqd")
-    pair = generate_pair(loaded, model, REQUEST, trace_layer=LAYER)
+    pair = generate_pair(loaded, model, REQUEST, trace_layer=LAYER, decode_steps=REQUEST.steps)
     assert not np.array_equal(pair.full_precision.audio, pair.quantized.audio)
     assert len(pair.step_snr_db) == REQUEST.steps and np.isfinite(pair.step_snr_db).all()
-    assert (pair.step_snr_db < 120).all() and (pair.step_logmel_db >= 0).all()
+    assert len(pair.step_logmel_db) == REQUEST.steps and pair.logmel_db > 0
+    assert (pair.step_snr_db < 120).all() and (pair.step_logmel_db > 0).all()
     fp, q = pair.full_precision.trace, pair.quantized.trace
     assert len(fp.timesteps) == REQUEST.steps and fp.timesteps == q.timesteps  # one DiT call per step (CFG batched)
     assert fp.timesteps[0] > fp.timesteps[-1]  # denoising runs from noise (t near 1) down
@@ -127,7 +129,7 @@ def test_cache_builds_once_keeps_at_most_max_and_reuses_disk(loaded, models, tmp
         models.get("w8a8-magic")
     # a fresh cache on the same folder loads the saved model: identical output, no recalibration
     again = QuantizedModels(loaded, cache_dir=models.cache_dir.parent, calibration_steps=6,
-                            calibration_prompts=models.calibration_prompts, calibration_seconds=1.0)
+                            calibration_prompts=list(models.plan.prompts), calibration_seconds=1.0)
     reloaded, _ = again.get("w8a8-static")
     assert again._stats is None
     with torch.no_grad():
@@ -139,7 +141,7 @@ def test_cache_builds_once_keeps_at_most_max_and_reuses_disk(loaded, models, tmp
 def test_saved_quantized_files_are_served(loaded, models, tmp_path):
     model, recipe = models.get("w8a8-dynamic")
     path = tmp_path / "dit.safetensors"
-    quant.save(model, recipe, path)
+    save_quantized(model, recipe, path)
     other = QuantizedModels(loaded, cache_dir=tmp_path / "c", calibration_prompts=["x"])
     assert other.add_saved(path).name == "w8a8-dynamic"
     assert other.cached_names == ["w8a8-dynamic"]
@@ -163,7 +165,7 @@ def test_layer_names_match_in_both_models(loaded, models):
 
 def test_figures(loaded, models):
     model, _ = models.get("w8a8-smoothquant")
-    pair = generate_pair(loaded, model, REQUEST, trace_layer=LAYER)
+    pair = generate_pair(loaded, model, REQUEST, trace_layer=LAYER, decode_steps=3)
     fp, q = pair.full_precision, pair.quantized
     spectrograms = figures.spectrogram_figure(fp.audio, q.audio, pair.sample_rate)
     assert [trace.type for trace in spectrograms.data] == ["heatmap"] * 3
@@ -174,7 +176,9 @@ def test_figures(loaded, models):
     difference = spectrograms.data[2]  # a fixed, symmetric colour range whatever this pair's error is
     assert (difference.zmin, difference.zmax) == (-figures.DIFFERENCE_DB, figures.DIFFERENCE_DB)
     steps = figures.step_metrics_figure(pair.step_snr_db, pair.step_logmel_steps, pair.step_logmel_db)
-    assert len(steps.data[0].y) == REQUEST.steps
+    assert len(steps.data[0].y) == REQUEST.steps and list(steps.data[1].x) == [1, 3, 6]  # decoded steps, 1-based
+    latent_only = figures.step_metrics_figure(pair.step_snr_db, np.arange(0), np.arange(0))
+    assert len(latent_only.data) == 1 and "decode per-step" in latent_only.layout.title.text
     heatmap = figures.activation_heatmap_figure(fp.trace, q.trace)
     assert heatmap.data[0].z.shape == (REQUEST.steps, len(LOG_ABS_EDGES) - 1)
     slider = figures.activation_step_figure(fp.trace, q.trace)
@@ -219,6 +223,24 @@ def test_compare_writes_the_pair_and_says_what_each_snr_measures(loaded, models,
     full_precision, quantized = (soundfile.read(path)[0] for path in (view.full_precision_wav, view.quantized_wav))
     assert full_precision.shape == quantized.shape and not np.array_equal(full_precision, quantized)
     assert "waveform SNR" in view.summary and "model-space SNR of the last denoised estimate" in view.summary
+    assert "shares the rest with the full-precision model: conditioners" in view.summary
+    assert len(view.step_metrics.data) == 1  # nothing decoded per step unless asked for
+
+
+def test_compare_refuses_an_uncalibrated_recipe_with_its_cost_until_calibrated(loaded, tmp_path):
+    models = QuantizedModels(loaded, cache_dir=tmp_path / "cache", calibration_prompts=["white noise"],
+                             calibration_steps=4, calibration_seconds=0.5)
+    lab = Lab(loaded, models, tmp_path / "out")
+    lab.warm_up()
+    assert lab.default_recipe().name == "w8a8-dynamic"  # no statistics: the first click calibrates nothing
+    assert "needs no calibration" in lab.calibration_status("w8a8-dynamic")
+    request = GenerationRequest(**{**REQUEST.__dict__, "steps": 2})
+    with pytest.raises(ValueError, match=r"needs calibration statistics first: 1 prompts x 4 steps .* about"):
+        lab.compare(request, "w8a8-sqd")
+    assert "Press **Calibrate**" in lab.calibration_status("w8a8-sqd") and not models.stats_ready
+    assert "Calibrated in" in lab.calibrate() and "ready" in lab.calibrate()
+    assert lab.default_recipe().name == "w8a8-sqd" and "ready" in lab.calibration_status("w8a8-sqd")
+    assert "w8a8-sqd" in lab.compare(request, "w8a8-sqd").summary
 
 
 @pytest.mark.parametrize("sampler", ["v-ddim", "k-heun"])

@@ -143,7 +143,7 @@ def test_prepared_weight_is_derived_state_counted_as_cache(use_kernel, kernel, w
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("preset", ["w8a8-dynamic", "w4a8-sqd+lora", "w8a8-smoothquant"])
+@pytest.mark.parametrize("preset", ["w8a8-dynamic", "w4a8-sqd+lora", "w8a8-smoothquant", "w4a16"])
 def test_tiny_dit_integer_matches_simulated_and_save_load_is_bit_identical(use_kernel, kernel, preset, tmp_path):
     use_kernel(kernel)
     dit = tiny_dit()
@@ -236,3 +236,78 @@ def test_gpu_check_dry_run_on_the_cpu_with_a_tiny_shape():
     assert set(result["presets"]) == {"w8a8-dynamic", "w4a8-sqd+lora", "w8a16"}
     assert set(result["float"]) == {"fp32", "bf16", "fp16"}
     json.dumps(result)
+
+
+WEIGHT_ONLY_PATHS = ("resident", "dequant", "packed")
+
+
+def weight_only_pair(w_bits, group_size=None, out_features=96, seed=0):
+    """A simulated and an integer weight-only layer built from the same nn.Linear (out_features % 16 == 0
+    so that torch's packed int4 kernel accepts it)."""
+    torch.manual_seed(seed)
+    linear = nn.Linear(128, out_features)
+    recipe = quant.Recipe("k", w_bits, 16, "weight-only", group_size=group_size, backend="simulated")
+    return (quant.QuantLinear.from_float(linear, recipe),
+            quant.QuantLinear.from_float(linear, recipe.replace(backend="integer")))
+
+
+@pytest.mark.parametrize("path", WEIGHT_ONLY_PATHS)
+@pytest.mark.parametrize("w_bits,group_size", [(8, None), (4, None), (4, 32), (8, 64)])
+def test_weight_only_paths_match_the_simulated_path(monkeypatch, path, w_bits, group_size):
+    monkeypatch.setenv(kernels.WEIGHT_ONLY_ENV, path)
+    sim, integer = weight_only_pair(w_bits, group_size)
+    stored = integer.held_bytes()["weight"]
+    x = outlier_input(tokens=40, seed=6).reshape(2, 20, 128)
+    with torch.no_grad():
+        y_sim, y_int = sim(x), integer(x)
+    prepared = integer._prepared[2]
+    assert y_int.dtype == x.dtype and y_int.shape == y_sim.shape
+    if path == "packed":
+        # torch's packed kernels take bf16 activations; 8-bit per-group scales do not fit _weight_int8pack_mm
+        assert prepared.dtype == torch.bfloat16
+        assert prepared.kernel == ("resident" if (w_bits, group_size) == (8, 64) else "packed")
+        assert sqnr(y_sim, y_int) > 35  # bf16 rounding of activations and scales
+    else:
+        assert prepared.kernel == path and prepared.dtype == torch.float32
+        assert torch.equal(y_int, y_sim)  # the same float matmul on the same dequantized weight
+    full_copy = integer.out_features * integer.in_features * prepared.dtype.itemsize
+    cache = integer.held_bytes()["cache"]
+    if prepared.kernel == "resident":
+        assert cache == full_copy
+    elif prepared.kernel == "dequant":
+        assert cache == 0
+    else:
+        assert 0 < cache < full_copy  # scales (and for int4 the repacked codes)
+    assert integer.held_bytes()["weight"] == stored  # stored bytes unchanged by any path
+
+
+def test_weight_only_choice_follows_the_cpu(monkeypatch):
+    monkeypatch.delenv(kernels.WEIGHT_ONLY_ENV, raising=False)
+    monkeypatch.setattr(kernels, "native_bf16", lambda device="cpu": False)
+    assert kernels.choose_weight_only_kernel("cpu", 8) == "resident"
+    assert kernels.weight_only_dtype("resident", "cpu", torch.float32) == torch.float32
+    assert kernels.weight_only_kernel_name().startswith("resident (auto")
+    monkeypatch.setattr(kernels, "native_bf16", lambda device="cpu": True)
+    for bits in (8, 4):
+        assert kernels.choose_weight_only_kernel("cpu", bits) in ("resident", "packed")  # measured
+    assert kernels.weight_only_dtype("resident", "cpu", torch.float32) == torch.bfloat16
+    assert kernels.weight_only_dtype("resident", "cpu", torch.float16) == torch.float16
+    assert kernels.choose_weight_only_kernel(torch.device("cuda", 0), 4) == "resident"
+    monkeypatch.setenv(kernels.WEIGHT_ONLY_ENV, "dequant")
+    assert kernels.choose_weight_only_kernel("cpu", 8) == "dequant"
+    assert "forced" in kernels.weight_only_kernel_name()
+    monkeypatch.setenv(kernels.WEIGHT_ONLY_ENV, "fastest")
+    with pytest.raises(ValueError, match=kernels.WEIGHT_ONLY_ENV):
+        kernels.choose_weight_only_kernel("cpu", 8)
+
+
+def test_weight_only_path_change_rebuilds_the_prepared_weight(monkeypatch):
+    _, integer = weight_only_pair(4)
+    x = outlier_input(tokens=8)
+    monkeypatch.setenv(kernels.WEIGHT_ONLY_ENV, "resident")
+    with torch.no_grad():
+        y_resident = integer(x)
+        assert integer._prepared[1] == ("resident", torch.float32)
+        monkeypatch.setenv(kernels.WEIGHT_ONLY_ENV, "dequant")
+        assert torch.equal(integer(x), y_resident)
+    assert integer._prepared[1] == ("dequant", torch.float32) and integer.held_bytes()["cache"] == 0

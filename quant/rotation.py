@@ -1,0 +1,57 @@
+"""Orthogonal rotation of a linear's input channels: block-diagonal Hadamard (QuaRot-style, no random signs).
+
+For an orthogonal R, y = x W^T = (x R)(W R)^T. Rotating spreads a loud input channel evenly over the `block`
+channels of its block (each rotated channel gets 1/sqrt(block) of it), so per-tensor and per-token
+activation scales waste fewer levels on outlier channels, and the rotated weight's rows lose their own
+outliers the same way. The weight is rotated once, before quantizing (what is stored is Q(W R)); the
+activation is rotated at run time, before it is quantized (one small float matmul per layer:
+(tokens, in / block, block) @ (block, block)).
+
+R = diag(H, ..., H) with H the normalised Sylvester-Hadamard matrix of size `block` (a power of two), which is
+symmetric and its own inverse, so rotating twice gives x back. `block` must divide the layer's in_features.
+Nothing is stored: R follows from `block` alone.
+"""
+import functools
+
+import torch
+
+
+def check_block(block: int, in_features: int | None = None, name: str = "") -> None:
+    """ValueError unless `block` is a power of two >= 2 dividing `in_features` (when given)."""
+    if not isinstance(block, int) or isinstance(block, bool) or block < 2 or block & (block - 1):
+        raise ValueError(f"rotation block must be a power of two >= 2, got {block!r}")
+    if in_features is not None and in_features % block:
+        where = f" of layer '{name}'" if name else ""
+        raise ValueError(f"rotation block {block} does not divide in_features {in_features}{where}: choose a "
+                         f"power of two that divides every quantized layer's width (e.g. "
+                         f"{largest_block(in_features)} here), or skip the layer")
+
+
+def largest_block(in_features: int) -> int:
+    """The largest power of two dividing in_features (1 when it is odd)."""
+    return in_features & -in_features
+
+
+@functools.cache
+def _hadamard_cpu(block: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / block ** 0.5).float()
+
+
+def hadamard(block: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The normalised Sylvester-Hadamard matrix (block, block): orthogonal, symmetric, H @ H = I."""
+    check_block(block)
+    return _hadamard_cpu(block).to(device=device, dtype=dtype)
+
+
+def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x R on the last dimension: x (..., in) -> (..., in), R = diag(H_block, ...). Its own inverse.
+
+    Also rotates a weight (out, in) along its input channels: W R, so that (x R)(W R)^T = x W^T.
+    """
+    in_features = x.shape[-1]
+    check_block(block, in_features)
+    h = hadamard(block, x.device, x.dtype)
+    return (x.reshape(*x.shape[:-1], in_features // block, block) @ h).reshape(x.shape)
