@@ -37,8 +37,10 @@ DIT_DEFAULTS = {"width": 384, "depth": 4, "timestep_cond": "prepend", "positions
 # Sampler defaults shipped next to the model (generation.json), chosen on the 24 calibration prompts (never
 # on the evaluation or held-out sets): v-ddim CFG 1.5 passed 12/24, CFG 3 and 6 10/24, dpmpp-3m-sde (sigma_max
 # 80) CFG 5 9/24. v-ddim steps uniformly in t from 1 (it ignores sigma_min and clamps sigma_max to 1).
+# sigma: SAO's range, for the k-diffusion samplers. "validated" and "example_prompts" are added after training,
+# from a sweep (`ptq-adherence --sampler ... --cfg ...`).
 GENERATION_DEFAULTS = {"steps": 50, "cfg_scale": 1.5, "sampler_type": "v-ddim",
-                       "sigma_min": 0.01, "sigma_max": 1.0, "seconds": corpus.CLIP_SECONDS}
+                       "sigma_min": 0.03, "sigma_max": 500.0, "seconds": corpus.CLIP_SECONDS}
 
 
 def dit_config(width: int, depth: int, timestep_cond: str, positions: str) -> dict:

@@ -1,4 +1,4 @@
-"""Why strong CFG makes the demo model buzz at its latent frame rate: the two measurements behind
+"""Where the demo model's buzz at its latent frame rate comes from: the two measurements behind
 docs/demo_model.md, "Samplers".
 
 1. Guidance gain. Noise a corpus clip to t and ask the DiT for its clean estimate with and without the
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", type=float, default=5.0, help="CFG scale (default 5)")
     parser.add_argument("--prompt", help="generate this caption and report its latents (else: the gains)")
-    parser.add_argument("--sampler", default="dpmpp-3m-sde", help="with --prompt (default dpmpp-3m-sde)")
+    parser.add_argument("--sampler", default="dpmpp-3m-sde",
+                        help="with --prompt (default dpmpp-3m-sde; the k-diffusion ones over sigma 0.03..500)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1000], help="with --prompt: one clip per seed")
     args = parser.parse_args(argv)
     from lab.sat import decoder, load_model, sample

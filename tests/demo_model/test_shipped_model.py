@@ -45,7 +45,7 @@ def test_generation_json_says_what_the_model_is_validated_for_and_how_to_prompt_
     from lab.sat import unknown_words
 
     guide, defaults = demo_model.guide, demo_model.sampling
-    assert set(guide.samplers) <= set(SAMPLERS) and "v-ddim" in guide.samplers
+    assert set(guide.samplers) <= set(SAMPLERS) and {"v-ddim", "k-dpm-2"} <= set(guide.samplers)
     assert guide.refusal(defaults.sampler_type, defaults.cfg_scale) == "" and "ptq-adherence" in guide.validated_by
     assert (defaults.sigma_min, defaults.sigma_max) == (0.03, 500.0)  # SAO's range, for the k-diffusion samplers
     families = [corpus.parse_caption(prompt).family for prompt in guide.example_prompts]
@@ -60,11 +60,11 @@ def test_words_outside_the_vocabulary_are_found_as_typed(demo_model):
     assert unknown_words(demo_model.model, "a dog barking at 125 bpm, dog") == ["a", "dog", "barking", "125", "bpm,"]
 
 
-@pytest.mark.parametrize("sampler", ["v-ddim", "dpmpp-3m-sde"])
+@pytest.mark.parametrize("sampler", ["v-ddim", "k-dpm-2", "dpmpp-3m-sde"])
 def test_few_step_generation_is_finite_non_silent_and_does_not_buzz(demo_model, sampler):
-    """A tone and noise at CFG 1.5 with v-ddim (validated) and with SAO's dpmpp-3m-sde over SAO's sigma range (not
-    validated: it buzzes on plucks and drum patterns, docs/demo_model.md "Samplers"): neither may have its
-    strongest spectral line on a multiple of the 62.5 Hz latent frame rate."""
+    """A tone and noise at CFG 1.5, SAO's sigma range for the k-diffusion samplers: v-ddim and k-dpm-2 are
+    validated, dpmpp-3m-sde is not (it buzzes on plucks and drum patterns, docs/demo_model.md "Samplers"), but
+    for none may the strongest spectral line of a tone or of noise sit on a multiple of the 62.5 Hz frame rate."""
     from demo_model import adherence
 
     settings = demo_model.sampling.replace(sampler_type=sampler, cfg_scale=1.5, steps=12)
