@@ -16,10 +16,18 @@ QUICK_DIT = dict(SAO_DIT, embed_dim=128, depth=2, num_heads=2, cond_token_dim=64
 
 FLOAT_ROWS = ("fp32", "bf16")
 METHODS = quant.ACTIVATION_METHODS
-BENCH_RECIPES = tuple(quant.preset_name(w, 8, method, lora) for w in (8, 4) for method in METHODS
+PAPER_RECIPES = tuple(quant.preset_name(w, 8, method, lora) for w in (8, 4) for method in METHODS
                       for lora in (False, True)) + ("w8a16", "w4a16")
+# The fidelity options next to the paper's methods (docs/fidelity.md): static scales per timestep group with an
+# MSE-clipped range, Hadamard rotation (static per group, dynamic), and the paper's per-group-copy SQD that the
+# single-copy "sqd" presets replace.
+OPTION_RECIPES = ("w8a8-static-mse", "w8a8-static-rot", "w8a8-dynamic-rot", "w8a8-sqd-pergroup",
+                  "w8a8-sqd-pergroup+lora", "w4a8-static-rot", "w4a8-dynamic-rot+lora", "w4a8-sqd-pergroup",
+                  "w4a8-sqd-pergroup+lora")
+BENCH_RECIPES = PAPER_RECIPES + OPTION_RECIPES
 QUICK_RECIPES = ("w8a8-static", "w8a8-dynamic", "w8a8-sqd+lora", "w4a8-static", "w4a8-dynamic", "w4a8-sqd+lora",
-                 "w4a16")
+                 "w4a16", "w8a8-static-rot")
+SQD_SWEEP_RECIPE = "w4a8-sqd-pergroup"  # the timestep-group sweep varies the per-group-copy SQD's groups
 SENSITIVITY_RECIPE, MIXED_HIGH_RECIPE = "w4a8-dynamic", "w8a8-dynamic"
 # evaluation and sensitivity-recording seeds; calibration runs lab.quantized.calibrate, whose one batch has seed 0
 EVAL_SEED, RECORD_SEED = 1234, 77

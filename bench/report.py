@@ -150,7 +150,8 @@ def _studies_markdown(results: dict) -> list[str]:
                   f"{_fmt(v['logmel_db'], '.2f')} | {_fmt(v['trajectory_rel_error'], '.4f')} |" for v in mixed["variants"]]
     sweep = results.get("sqd_sweep")
     if sweep:
-        lines += ["", "## sqd timestep groups (w4a8-sqd): fidelity vs memory", "",
+        lines += ["", "## sqd timestep groups (w4a8-sqd-pergroup, the paper's SQD: one weight copy per group): "
+                      "fidelity vs memory", "",
                   "| groups | SAO linear x fp32 | model linear x fp32 | SNR dB | log-mel dB | traj err |",
                   "|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {s['groups']}{' (all steps)' if s['all_steps'] else ''} | {s['sao_linear_ratio_fp32']:.3f} | "

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import quant
 from bench import sensitivity
-from bench.config import MIXED_HIGH_RECIPE, RECORD_SEED, SENSITIVITY_RECIPE, BenchConfig, with_progress
+from bench.config import (
+    MIXED_HIGH_RECIPE,
+    RECORD_SEED,
+    SENSITIVITY_RECIPE,
+    SQD_SWEEP_RECIPE,
+    BenchConfig,
+    with_progress,
+)
 from bench.fidelity import FidelityContext, calibration_prompts
 from bench.sampling import generate_batch
 from bench.shape import memory_at_shape
@@ -51,8 +58,9 @@ def mixed_precision_study(cfg: BenchConfig, context: FidelityContext, ranking: l
 
 
 def sqd_sweep(cfg: BenchConfig, context: FidelityContext, rows: dict[str, dict]) -> list[dict]:
-    """w4a8-sqd with 1, 2, 4, ... timestep groups ("all" = one per calibrated timestep): fidelity vs memory."""
-    base = quant.get_recipe("w4a8-sqd")
+    """The per-group-copy SQD (SQD_SWEEP_RECIPE) with 1, 2, 4, ... timestep groups ("all" = one per calibrated
+    timestep): fidelity vs memory."""
+    base = quant.get_recipe(SQD_SWEEP_RECIPE)
     n_timesteps = len(context.stats.timesteps)
     groups = sorted({n_timesteps if g == "all" else min(int(g), n_timesteps) for g in cfg.sweep_groups})
     sao = _sao_memory_by_groups(base, groups, cfg.dit_shape)

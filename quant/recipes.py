@@ -235,26 +235,52 @@ def _check_choice(field_name: str, value, choices) -> None:
         raise ValueError(f"Recipe.{field_name} must be one of {choices}, got {value!r}")
 
 
-def preset_name(w_bits: int, a_bits: int, method: str, lora: bool = False) -> str:
-    """The preset naming scheme: (4, 8, "sqd", True) -> "w4a8-sqd+lora"; weight-only -> "w8a16"."""
+def preset_name(w_bits: int, a_bits: int, method: str, lora: bool = False, variant: str | None = None) -> str:
+    """The preset naming scheme: (4, 8, "sqd", True) -> "w4a8-sqd+lora"; weight-only -> "w8a16"; a variant of a
+    method goes after it: (8, 8, "static", False, "rot") -> "w8a8-static-rot"."""
     name = f"w{w_bits}a{a_bits}" if method == "weight-only" else f"w{w_bits}a{a_bits}-{method}"
-    return name + ("+lora" if lora else "")
+    return name + (f"-{variant}" if variant else "") + ("+lora" if lora else "")
 
 
-SQD_TIMESTEP_GROUPS = 4  # paper: smoothing adapts to the denoising timestep; 4 groups = 4 weight copies
+SQD_TIMESTEP_GROUPS = 4  # the paper's SQD: smoothing adapts to the denoising timestep; 4 groups = 4 weight copies
+STATIC_TIMESTEP_GROUPS = 4  # timestep-aware static variants: one activation scale per group, no weight copy
+ROTATION_BLOCK = 32  # Hadamard block of the presets that rotate: divides the widths of SAO, the demo model and
+#                      the test models (all multiples of 32); measured on the demo model in docs/fidelity.md
 LORA_RANK = 32
+
+# The presets' recipe per method (fields besides bits and the low-rank branch). "sqd" is the single-copy
+# successor of the paper's SQD: one smoothing vector (the per-channel max over all timesteps) folded into one
+# weight, with rotated, per-token-quantized activations; on the demo model it is more faithful than the
+# per-group-copy SQD at a quarter of its W8A8 memory (docs/fidelity.md). The paper's SQD stays as the
+# "sqd-pergroup" variant.
+METHOD_PRESETS = {
+    "static": {},
+    "dynamic": {},
+    "smoothquant": {},
+    "sqd": dict(smoothing="max", rotation=ROTATION_BLOCK),
+    "weight-only": {},
+}
+# Variants: (method, variant) -> fields. Each exists at W8A8 and W4A8, with and without the low-rank branch.
+VARIANT_PRESETS = {
+    ("static", "mse"): dict(estimator="mse", timestep_groups=STATIC_TIMESTEP_GROUPS),
+    ("static", "rot"): dict(rotation=ROTATION_BLOCK, timestep_groups=STATIC_TIMESTEP_GROUPS),
+    ("dynamic", "rot"): dict(rotation=ROTATION_BLOCK),
+    ("sqd", "pergroup"): dict(smoothing="per-group", timestep_groups=SQD_TIMESTEP_GROUPS),
+}
 
 
 def _build_presets() -> dict[str, Recipe]:
     presets = {}
     for w_bits in (8, 4):
-        for method in ACTIVATION_METHODS + ("weight-only",):
-            a_bits = 16 if method == "weight-only" else 8
-            groups = SQD_TIMESTEP_GROUPS if method == "sqd" else 1
-            for lora in (False, True):
+        for lora in (False, True):
+            rank = LORA_RANK if lora else 0
+            for method, fields in METHOD_PRESETS.items():
+                a_bits = 16 if method == "weight-only" else 8
                 name = preset_name(w_bits, a_bits, method, lora)
-                presets[name] = Recipe(name, w_bits, a_bits, method, timestep_groups=groups,
-                                       lora_rank=LORA_RANK if lora else 0)
+                presets[name] = Recipe(name, w_bits, a_bits, method, lora_rank=rank, **fields)
+            for (method, variant), fields in VARIANT_PRESETS.items():
+                name = preset_name(w_bits, 8, method, lora, variant)
+                presets[name] = Recipe(name, w_bits, 8, method, lora_rank=rank, **fields)
     return dict(sorted(presets.items()))
 
 

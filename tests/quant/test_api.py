@@ -75,7 +75,7 @@ def test_sqd_picks_the_smoothing_of_the_current_timestep_group():
 
     stats = quant.calibrate(dit, forward_loop, progress=False)
     assert len(stats.timesteps) == 6
-    q = quant.quantize_(copy.deepcopy(dit), quant.get_recipe("w8a8-sqd").replace(timestep_groups=3), stats)
+    q = quant.quantize_(copy.deepcopy(dit), quant.get_recipe("w8a8-sqd-pergroup").replace(timestep_groups=3), stats)
     layer = q.transformer.layers[1].ff.ff[0].proj
     seen = []
     layer.register_forward_pre_hook(lambda module, args: seen.append((module.group_for(), module.smoothing_for())))
@@ -101,7 +101,7 @@ def test_save_load_gives_bit_identical_outputs(model, stats, preset, backend, tm
 
 
 def test_quantized_model_has_the_expected_layers(model, stats):
-    q = quantized(model, stats, "w4a8-sqd+lora")
+    q = quantized(model, stats, "w4a8-sqd-pergroup+lora")
     layer = q.model.model.transformer.layers[0].self_attn.to_qkv
     assert isinstance(layer, quant.QuantLinear)
     assert layer.qweight.dtype == torch.uint8 and layer.qweight.shape[0] == 4  # 4 groups, packed int4

@@ -28,7 +28,7 @@ def test_fp_model_report_matches_sao(fp_report):
 
 
 @pytest.mark.parametrize("preset, limit", [("w8a8-dynamic", 0.26), ("w8a8-static", 0.26),
-                                           ("w4a8-dynamic+lora", 0.15)])
+                                           ("w4a8-dynamic+lora", 0.15), ("w8a8-sqd", 0.27), ("w4a8-sqd+lora", 0.15)])
 def test_sao_shape_memory_targets(preset, limit):
     dit = sao_shaped_dit()
     recipe = quant.get_recipe(preset)
@@ -42,7 +42,7 @@ def test_sao_shape_memory_targets(preset, limit):
 
 def test_timestep_groups_cost_one_weight_copy_each():
     dit = sao_shaped_dit()
-    quant.quantize_(dit, quant.get_recipe("w8a8-sqd").replace(timestep_groups=2), constant_stats(dit))
+    quant.quantize_(dit, quant.get_recipe("w8a8-sqd-pergroup").replace(timestep_groups=2), constant_stats(dit))
     report = quant.memory_report(dit)
     assert 0.5 < report.ratio_fp32 < 0.52
 

@@ -31,7 +31,8 @@ def test_a_deep_copy_of_an_sqd_model_follows_its_own_timesteps():
     x, _, kwargs = dit_inputs()
     stats = quant.calibrate(dit, lambda: [dit(x, torch.full((2,), t), **kwargs) for t in (0.1, 0.4, 0.7, 0.9)],
                             progress=False)
-    original = quant.quantize_(copy.deepcopy(dit), quant.get_recipe("w8a8-sqd").replace(timestep_groups=2), stats)
+    recipe = quant.get_recipe("w8a8-sqd-pergroup").replace(timestep_groups=2)
+    original = quant.quantize_(copy.deepcopy(dit), recipe, stats)
     clone = copy.deepcopy(original)
     with torch.no_grad():
         original(x, torch.full((2,), 0.1), **kwargs)
