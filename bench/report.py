@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 
 from bench.config import FLOAT_ROWS
+from bench.targets import linear_bound
+from bench.torchao import torchao_markdown
 
 NOTES = [
     "Memory: bytes held as counted by quant.memory_report (integer codes, every timestep-group weight copy, scales, "
@@ -75,10 +77,19 @@ def markdown_report(results: dict) -> str:
             f"{_fmt(e2e.get('seconds_per_clip'), '.3f')} | {_fmt(e2e.get('speedup_vs_fp'), '.2f')} | {snr} | "
             f"{'ref' if name == 'fp32' and fid else _fmt(fid.get('logmel_db'), '.2f')} | "
             f"{'ref' if name == 'fp32' and fid else _fmt(fid.get('trajectory_rel_error'), '.4f')} | {adherence_text} | {mos_text} |")
+    bound = linear_bound(rows)
+    if bound:
+        lines += ["", f"The linear layers the presets quantize take {bound['linear_share']:.1%} of the fp32 forward "
+                      f"(forward hooks, median of {meta['config']['reps']}): with linears that cost nothing a forward "
+                      f"would reach {bound['free_linears_x_fp32']:.2f}x fp32 at most; W8A8 static's forward implies "
+                      f"linears at {_fmt(bound['w8a8_static_linears_x_fp32'], '.2f')}x fp32 (VNNI's int8 peak is "
+                      "~4x fp32 per cycle)."]
     lines += ["", "## Targets", "", "| target | measured | threshold | result |", "|---|---:|---:|---|"]
     for t in results["targets"]:
         lines.append(f"| {t['target']} | {_fmt(t['value'], '.3f')} | {t['op']} {t['threshold']} | "
                      f"{'**miss**' if t['result'] == 'miss' else t['result']} |")
+    if "torchao" in results:
+        lines += torchao_markdown(results["torchao"])
     lines += _fidelity_detail_markdown(rows)
     lines += _studies_markdown(results)
     lines += ["", "## CLAP / FAD", "", results.get("clap", {}).get("status", "not run")]

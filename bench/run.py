@@ -5,7 +5,7 @@
     python -m bench --recipes w8a8-sqd,w4a8-sqd+lora --skip-speed --ratings ratings/ratings.csv
 
 This module is the command line (`ptq-bench`, `python -m bench`) and the order of the sections: memory and
-speed at SAO's shape, fidelity on the evaluated model, studies, CLAP, MOS, with the results saved after each
+speed at SAO's shape (with torchao's int8 config beside it when torchao is installed), fidelity on the evaluated model, studies, CLAP, MOS, with the results saved after each
 one. The `bench` package's docstring says which module measures what.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from bench.report import NOTES, write_outputs
 from bench.shape import memory_at_shape, speed_at_shape
 from bench.studies import mixed_precision_study, sensitivity_study, sqd_sweep
 from bench.targets import add_speedups, check_targets
+from bench.torchao import torchao_speed
 
 COMMAND = "python -m bench"
 
@@ -66,6 +67,7 @@ def run(cfg: BenchConfig, command: str = COMMAND) -> dict:
             for row, speed in speed_at_shape(cfg):
                 rows[row]["speed"] = speed
                 save()
+            results["torchao"] = torchao_speed(cfg.dit_shape, cfg.latent_tokens, cfg.cond_tokens, cfg.reps)
     context = None
     if not cfg.skip_fidelity:
         with section("fidelity"):

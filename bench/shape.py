@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import gc
+import statistics
+import time
 
 import torch
 from torch import nn
@@ -93,9 +95,40 @@ def speed_at_shape(cfg: BenchConfig):
         yield row, timing
     # The baselines again at the end: on a shared machine a busy moment can slow one measurement, and the
     # faster of the two makes every speed-up conservative.
+    share = linear_time_share(dit, lambda: dit(x, t, **kwargs), cfg.reps)
     for row in FLOAT_ROWS:
         float_runs[row].append(seconds(variant_of_dit(dit, row, stats), cfg.reps))
-        yield row, {"float_s": min(float_runs[row]), "float_s_start_end": float_runs[row]}
+        yield row, {"float_s": min(float_runs[row]), "float_s_start_end": float_runs[row],
+                    **({"linear_share": share} if row == "fp32" else {})}
+
+
+@torch.no_grad()
+def linear_time_share(dit: nn.Module, forward, reps: int) -> float:
+    """Median share of a float forward's time spent inside the linear layers the W8A8 presets quantize (timed
+    with forward hooks). It bounds what quantizing linears can buy: the rest of the forward (attention, norms,
+    rotary embeddings) runs in float whatever the recipe."""
+    targets = {id(layer) for layer in quant.quantization_targets(dit, quant.get_recipe("w8a8-static")).values()}
+    started, inside = {}, [0.0]
+
+    def before(module, args):
+        started[id(module)] = time.perf_counter()
+
+    def after(module, args, output):
+        inside[0] += time.perf_counter() - started[id(module)]
+
+    handles = [h for m in dit.modules() if id(m) in targets
+               for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        forward()  # warm-up
+        shares = []
+        for _ in range(reps):
+            inside[0], start = 0.0, time.perf_counter()
+            forward()
+            shares.append(inside[0] / (time.perf_counter() - start))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return statistics.median(shares)
 
 
 def timed_backends(row: str) -> tuple[str, ...]:

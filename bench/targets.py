@@ -48,6 +48,18 @@ def add_speedups(rows: dict[str, dict]) -> None:
             speed["x_fastest_float"] = fastest / own
 
 
+def linear_bound(rows: dict) -> dict | None:
+    """What the fp32 forward's linear share (bench.shape.linear_time_share) allows: the best speed-up quantizing
+    linears could give with free linears, 1 / (1 - share), and the speed-up of the linears themselves that
+    W8A8 static's measured forward implies, share / (1 / speed-up - (1 - share))."""
+    share = rows.get("fp32", {}).get("speed", {}).get("linear_share")
+    static = rows.get("w8a8-static", {}).get("speed", {}).get("integer_x_fp32")
+    if not share:
+        return None
+    implied = share / (1 / static - (1 - share)) if static and 1 / static > 1 - share else None
+    return {"linear_share": share, "free_linears_x_fp32": 1 / (1 - share), "w8a8_static_linears_x_fp32": implied}
+
+
 def check_targets(rows: dict[str, dict]) -> list[dict]:
     """Every performance target: {"target", "value", "op", "threshold", "result"}, where result is "pass",
     "miss" or "not measured" (value None: the row or section was not run, or the value is NaN)."""

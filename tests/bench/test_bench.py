@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bench import external, fidelity, run, sampling, shape, targets
+from bench.config import QUICK_DIT as QUICK_SHAPE
 from lab import sat
 from lab.study import COLUMNS
 
@@ -75,6 +76,25 @@ def test_rows_timed_alongside_fp32_are_read_at_the_fp32_rows_pace():
     checked = targets.check_targets(rows)
     assert _target(checked, "W8A8 static integer DiT forward, speed-up vs fp32")["value"] == 4.0
     assert _target(checked, "W8A8 dynamic time / W8A8 static time (integer)")["value"] == pytest.approx(1.1)
+
+
+def test_linear_bound_follows_the_share_and_the_static_speed_up():
+    # linears are 80 % of the fp32 forward: free linears give 5x; a 2.5x forward means linears at 0.8 / 0.2 = 4x
+    rows = {"fp32": {"speed": {"linear_share": 0.8}}, "w8a8-static": {"speed": {"integer_x_fp32": 2.5}}}
+    bound = targets.linear_bound(rows)
+    assert bound["free_linears_x_fp32"] == pytest.approx(5.0)
+    assert bound["w8a8_static_linears_x_fp32"] == pytest.approx(4.0)
+    rows["w8a8-static"]["speed"]["integer_x_fp32"] = 6.0  # faster than free linears allow: no implied speed
+    assert targets.linear_bound(rows)["w8a8_static_linears_x_fp32"] is None
+    assert targets.linear_bound({"fp32": {"speed": {}}}) is None
+
+
+def test_linear_time_share_counts_the_quantized_linears_and_removes_its_hooks():
+    dit = sat.random_dit(QUICK_SHAPE)
+    x, t, kwargs = shape.forward_inputs(QUICK_SHAPE, 16, 4)
+    share = shape.linear_time_share(dit, lambda: dit(x, t, **kwargs), reps=2)
+    assert 0 < share < 1
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in dit.modules())
 
 
 def test_cli_rejects_unknown_recipe_and_missing_ratings(tmp_path):

@@ -71,6 +71,8 @@ def test_quick_fidelity_pairs_the_noise_and_orders_bits(quick):
 def test_quick_speed_ratios_are_positive(quick):
     rows = quick[1]["rows"]
     assert rows["fp32"]["speed"]["float_x_fp32"] == pytest.approx(1.0)
+    assert 0 < rows["fp32"]["speed"]["linear_share"] < 1
+    assert "## What you would use instead: torchao" in (quick[0] / "results.md").read_text()
     for name, row in rows.items():
         speed = row["speed"]
         key = "float_x_fp32" if name in config.FLOAT_ROWS else "integer_x_fp32"
