@@ -50,7 +50,7 @@ def quick_model(seed: int = 0) -> LoadedModel:
         torch.manual_seed(seed)
         model = sat.randomize_weights(sat.build_model(config))
     return LoadedModel(model=model, config=config, model_id="quick: tiny random model", sample_rate=16000,
-                       sample_size=32768, sampling=SamplerSettings.read(EMBEDDED_DIR))
+                       sample_size=32768, sampling=sat.read_generation(EMBEDDED_DIR)[0])
 
 
 def fidelity_prompts(per_family: int, limit: int | None = None) -> list[str]:

@@ -58,16 +58,9 @@ class SamplerSettings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     @classmethod
-    def read(cls, folder: Path) -> SamplerSettings:
-        path = folder / "generation.json"
-        if not path.is_file():
-            return cls()
-        try:
-            values = json.loads(path.read_text())
-            known = {key: values[key] for key in cls.__dataclass_fields__ if key in values}
-            return cls(**known)
-        except (json.JSONDecodeError, TypeError, AttributeError) as err:
-            raise ModelLoadError(f"{path} is not a valid generation.json: {err}") from err
+    def from_values(cls, values: dict) -> SamplerSettings:
+        """The settings of a `generation.json`'s values; keys that are not settings are left to ModelGuide."""
+        return cls(**{key: values[key] for key in cls.__dataclass_fields__ if key in values})
 
 
 @dataclass(frozen=True)
@@ -102,19 +95,25 @@ class ModelGuide:
         return ""
 
     @classmethod
-    def read(cls, folder: Path) -> ModelGuide:
-        path = folder / "generation.json"
-        if not path.is_file():
-            return cls()
-        try:
-            values = json.loads(path.read_text())
-            validated = values.get("validated") or {}
-            return cls(validated=tuple((str(name), float(low), float(high))
-                                       for name, (low, high) in validated.get("samplers", {}).items()),
-                       validated_by=str(validated.get("command", "")),
-                       example_prompts=tuple(values.get("example_prompts", ())))
-        except (json.JSONDecodeError, TypeError, AttributeError, ValueError) as err:
-            raise ModelLoadError(f"{path} is not a valid generation.json: {err}") from err
+    def from_values(cls, values: dict) -> ModelGuide:
+        validated = values.get("validated") or {}
+        return cls(validated=tuple((str(name), float(low), float(high))
+                                   for name, (low, high) in validated.get("samplers", {}).items()),
+                   validated_by=str(validated.get("command", "")),
+                   example_prompts=tuple(values.get("example_prompts", ())))
+
+
+def read_generation(folder: Path) -> tuple[SamplerSettings, ModelGuide]:
+    """The sampler defaults and the guide of the `generation.json` in `folder` (SAO's defaults and no guide
+    where there is none), read once; a malformed file is a ModelLoadError naming it."""
+    path = Path(folder) / "generation.json"
+    if not path.is_file():
+        return SamplerSettings(), ModelGuide()
+    try:
+        values = json.loads(path.read_text())
+        return SamplerSettings.from_values(values), ModelGuide.from_values(values)
+    except (json.JSONDecodeError, TypeError, AttributeError, ValueError) as err:
+        raise ModelLoadError(f"{path} is not a valid generation.json: {err}") from err
 
 
 @dataclass
@@ -234,9 +233,10 @@ def _load_files(config_path: Path, ckpt_path: Path, *, model_id: str) -> LoadedM
         raise ModelLoadError(f"Checkpoint not found: {ckpt_path}")
     _load_weights(model, ckpt_path)
     _fold_weight_norm(model)
+    sampling, guide = read_generation(config_path.parent)
     return LoadedModel(model=model, config=config, model_id=model_id, sample_rate=int(config["sample_rate"]),
                        sample_size=int(config["sample_size"]), ckpt_path=ckpt_path.resolve(),
-                       sampling=SamplerSettings.read(config_path.parent), guide=ModelGuide.read(config_path.parent))
+                       sampling=sampling, guide=guide)
 
 
 def read_config(config_path: str | Path) -> dict:

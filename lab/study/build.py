@@ -95,7 +95,8 @@ def build_study(definition: StudyDefinition, loaded: LoadedModel, models: Quanti
 
 def base_request(definition: StudyDefinition, loaded: LoadedModel) -> GenerationRequest:
     """The request every item is generated with (prompt and seed filled in per item), validated for this model:
-    the definition's sampler settings, the model's defaults where it leaves them None."""
+    the definition's sampler settings, the model's defaults where it leaves them None, refused where the model's
+    generation.json does not validate them."""
     settings = loaded.sampling.replace(steps=definition.steps, cfg_scale=definition.cfg_scale,
                                        sampler_type=definition.sampler_type)
     request = GenerationRequest(prompt=definition.prompts[0], seconds=float(definition.seconds or loaded.seconds),
@@ -103,6 +104,9 @@ def base_request(definition: StudyDefinition, loaded: LoadedModel) -> Generation
                                 sampler=settings.sampler_type, sigma_min=settings.sigma_min,
                                 sigma_max=settings.sigma_max)
     request.validate(max_seconds=loaded.sample_size / loaded.sample_rate)
+    if refusal := loaded.guide.refusal(request.sampler, request.cfg_scale):
+        raise ValueError(f"{refusal} A study rates what raters hear: build it with settings the model is "
+                         "validated for.")
     if definition.anchor and ANCHORS[definition.anchor] >= 0.45 * loaded.sample_rate:
         raise ValueError(f"The {definition.anchor} anchor needs a sample rate above "
                          f"{ANCHORS[definition.anchor] / 0.45:.0f} Hz; this model runs at {loaded.sample_rate} Hz.")

@@ -1,4 +1,5 @@
 """lab.study.build and manifest on the tiny text-to-audio model: fair, blind, resumable, verifiable, shardable."""
+import dataclasses
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import soundfile
 import quant
 from lab.audio import integrated_loudness
 from lab.quantized import QuantizedModels
+from lab.sat import ModelGuide
 from lab.study import blinding
 from lab.study.build import build_study
 from lab.study.definition import StudyDefinition
@@ -171,6 +173,12 @@ def test_definitions_the_model_cannot_serve(tiny_audio, models, tmp_path):
     assert not (tmp_path / DEFINITION.study_id).exists()  # refused before anything is written
     with pytest.raises(ValueError, match="rank 2 / world_size 2"):
         build_study(DEFINITION, tiny_audio, models, tmp_path, rank=2, world_size=2)
+    # a model whose generation.json validates v-ddim only: a study cannot be built with another sampler
+    guided = dataclasses.replace(tiny_audio, guide=ModelGuide(validated=(("v-ddim", 1.0, 5.0),)))
+    unvalidated = StudyDefinition(**{**DEFINITION.to_dict(), "sampler_type": "dpmpp-3m-sde"})
+    with pytest.raises(ValueError, match="validated for the samplers v-ddim only"):
+        build_study(unvalidated, guided, models, tmp_path, progress=False)
+    assert not (tmp_path / DEFINITION.study_id).exists()
 
 
 def _cli_build(args, root, env):
