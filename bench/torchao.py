@@ -1,6 +1,6 @@
 """What a user would reach for instead: torchao's `Int8DynamicActivationInt8WeightConfig` (W8A8, dynamic per-token
 activations), eager and under `torch.compile`, on the same random DiT of SAO's shape as the speed section, next to
-fp32 and quant's w8a8-dynamic (integer backend), all timed interleaved in one run.
+fp32 and quant's w8a8-dynamic (integer backend, eager and compiled), all timed interleaved in one run.
 
     python -m bench.torchao [--reps 3] [--out torchao.json]
 
@@ -52,23 +52,24 @@ def torchao_model(dit: torch.nn.Module, preset: str = PRESET) -> torch.nn.Module
 @torch.no_grad()
 def torchao_speed(shape: dict, latent_tokens: int, cond_tokens: int, reps: int = 3) -> dict:
     """{"status", "torchao", "compile_s", "rows": {row: {"seconds", "x_fp32", "sqnr_vs_fp32_db"}}}: fp32, quant's
-    w8a8-dynamic and torchao eager / compiled, one forward each per round, `reps` rounds after a warm-up (the
-    compiled model's first call compiles, timed separately as compile_s)."""
+    w8a8-dynamic and torchao, each eager and compiled, one forward each per round, `reps` rounds after a warm-up
+    (a compiled model's first call compiles, timed separately: compile_s per row)."""
     version = torchao_version()
     if version is None:
         return {"status": "not run: torchao is not installed (pip install torchao==0.18.0 --no-deps; see docs/bench.md)"}
     dit = sat.random_dit(shape)
     x, t, kwargs = forward_inputs(shape, latent_tokens, cond_tokens)
     ao = torchao_model(dit)
-    models = {"fp32": dit, PRESET: quant.quantize_(copy.deepcopy(dit), PRESET), TORCHAO_ROWS[0]: ao,
+    ours = quant.quantize_(copy.deepcopy(dit), PRESET)
+    models = {"fp32": dit, PRESET: ours, f"{PRESET} + torch.compile": torch.compile(ours), TORCHAO_ROWS[0]: ao,
               TORCHAO_ROWS[1]: torch.compile(ao)}
     reference = dit(x, t, **kwargs)
-    outputs, compile_s = {}, None
-    for name, model in models.items():  # warm-up; the compiled model compiles here
+    outputs, compile_s = {}, {}
+    for name, model in models.items():  # warm-up; the compiled models compile here
         start = time.perf_counter()
         outputs[name] = model(x, t, **kwargs)
-        if name == TORCHAO_ROWS[1]:
-            compile_s = time.perf_counter() - start
+        if name.endswith("torch.compile"):
+            compile_s[name] = time.perf_counter() - start
     seconds = {name: [] for name in models}
     for _ in range(max(1, reps)):
         for name, model in models.items():
@@ -89,9 +90,10 @@ def torchao_markdown(result: dict) -> list[str]:
     lines = ["", "## What you would use instead: torchao", ""]
     if result.get("status") != "ok":
         return lines + [result.get("status", "not run")]
+    compiled = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result["compile_s"].items())
     lines += [f"torchao {result['torchao']} `Int8DynamicActivationInt8WeightConfig` on the same SAO-shape DiT and "
-              f"layers as `{PRESET}`, median of {result['reps']} interleaved forwards; torch.compile took "
-              f"{result['compile_s']:.0f} s (first call, not in the times).", "",
+              f"layers as `{PRESET}`, median of {result['reps']} interleaved forwards; first calls, which compile "
+              f"and are not in the times: {compiled}.", "",
               "| row | fwd (s) | x fp32 | SQNR vs fp32 dB |", "|---|---:|---:|---:|"]
     for name, row in result["rows"].items():
         sqnr = "ref" if row["sqnr_vs_fp32_db"] is None else f"{row['sqnr_vs_fp32_db']:.1f}"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import external, fidelity, run, sampling, shape, targets
+from bench import external, fidelity, run, sampling, shape, targets, torchao
 from bench.config import QUICK_DIT as QUICK_SHAPE
 from lab import sat
 from lab.study import COLUMNS
@@ -95,6 +95,16 @@ def test_linear_time_share_counts_the_quantized_linears_and_removes_its_hooks():
     share = shape.linear_time_share(dit, lambda: dit(x, t, **kwargs), reps=2)
     assert 0 < share < 1
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in dit.modules())
+
+
+def test_torchao_section_says_why_it_did_not_run_or_lists_every_row():
+    assert torchao.torchao_markdown({"status": "not run: torchao is not installed"})[-1].startswith("not run")
+    rows = {"fp32": {"seconds": 4.0, "x_fp32": 1.0, "sqnr_vs_fp32_db": None},
+            "w8a8-dynamic + torch.compile": {"seconds": 2.0, "x_fp32": 2.0, "sqnr_vs_fp32_db": 30.0}}
+    lines = torchao.torchao_markdown({"status": "ok", "torchao": "0.18.0", "reps": 3, "rows": rows,
+                                      "compile_s": {"w8a8-dynamic + torch.compile": 12.0}})
+    assert "| w8a8-dynamic + torch.compile | 2.000 | 2.00 | 30.0 |" in lines and "| fp32 | 4.000 | 1.00 | ref |" in lines
+    assert any("w8a8-dynamic + torch.compile 12 s" in line for line in lines)
 
 
 def test_cli_rejects_unknown_recipe_and_missing_ratings(tmp_path):
