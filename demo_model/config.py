@@ -37,10 +37,13 @@ DIT_DEFAULTS = {"width": 384, "depth": 4, "timestep_cond": "prepend", "positions
 # Sampler defaults shipped next to the model (generation.json), chosen on the 24 calibration prompts (never
 # on the evaluation or held-out sets): v-ddim CFG 1.5 passed 12/24, CFG 3 and 6 10/24, dpmpp-3m-sde (sigma_max
 # 80) CFG 5 9/24. v-ddim steps uniformly in t from 1 (it ignores sigma_min and clamps sigma_max to 1).
-# sigma: SAO's range, for the k-diffusion samplers. "validated" and "example_prompts" are added after training,
-# from a sweep (`ptq-adherence --sampler ... --cfg ...`).
+# sigma: SAO's range, for the k-diffusion samplers. "validated" is added after training, from a sweep
+# (`ptq-adherence --sampler ... --cfg ...`): it is a measurement of the trained weights, not a setting.
 GENERATION_DEFAULTS = {"steps": 50, "cfg_scale": 1.5, "sampler_type": "v-ddim",
                        "sigma_min": 0.03, "sigma_max": 500.0, "seconds": corpus.CLIP_SECONDS}
+# One caption per family of the grammar, offered as examples in the app (generation.json's "example_prompts").
+EXAMPLE_PROMPTS = ["sine tone at A4", "soft sawtooth major chord on C4", "plucked string playing E4", "pink noise",
+                   "kick drum at 120 bpm", "loud rising sine sweep"]
 
 
 def dit_config(width: int, depth: int, timestep_cond: str, positions: str) -> dict:
@@ -85,6 +88,7 @@ def write_model_files(directory: Path, latent_scale: float, dit: dict | None = N
     """model_config.json + tokenizer/ + generation.json in `directory` (the layout of assets/demo_model)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "model_config.json").write_text(json.dumps(model_config(latent_scale, dit), indent=2) + "\n")
-    (directory / "generation.json").write_text(json.dumps(GENERATION_DEFAULTS, indent=2) + "\n")
+    generation = {**GENERATION_DEFAULTS, "example_prompts": EXAMPLE_PROMPTS}
+    (directory / "generation.json").write_text(json.dumps(generation, indent=2) + "\n")
     vocab.save_tokenizer(directory / "tokenizer")
     return directory / "model_config.json"
