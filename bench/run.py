@@ -1,6 +1,6 @@
 """The benchmark: the paper's table on what runs here, plus speed and memory at Stable Audio Open's scale.
 
-    python -m bench                        # full run, ~15 min on 2 cores -> results/results.{json,md}, chart.html
+    python -m bench                        # full run, ~30 min on 2 cores -> results/results.{json,md}, chart.html
     python -m bench --quick --out /tmp/b   # tiny random models, few prompts/steps/recipes (what the tests run)
     python -m bench --recipes w8a8-sqd,w4a8-sqd+lora --skip-speed --ratings ratings/ratings.csv
 
