@@ -250,9 +250,9 @@ LORA_RANK = 32
 
 # The presets' recipe per method (fields besides bits and the low-rank branch). "sqd" is the single-copy
 # successor of the paper's SQD: one smoothing vector (the per-channel max over all timesteps) folded into one
-# weight, with rotated, per-token-quantized activations; on the demo model it is more faithful than the
-# per-group-copy SQD at a quarter of its W8A8 memory (docs/fidelity.md). The paper's SQD stays as the
-# "sqd-pergroup" variant.
+# weight, with rotated, per-token-quantized activations; on the demo model it is as faithful as the
+# per-group-copy SQD (within 0.3 dB) at a quarter of its W8A8 memory (docs/fidelity.md). The paper's SQD stays
+# as the "sqd-pergroup" variant.
 METHOD_PRESETS = {
     "static": {},
     "dynamic": {},
