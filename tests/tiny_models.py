@@ -92,6 +92,11 @@ def generate(model: nn.Module, steps: int = 4, seed: int = 0, batch: int = 1, se
         sampler_type="dpmpp-2m-sde", sigma_min=0.3, sigma_max=50)
 
 
+def dit_timestep_loop(dit: nn.Module, x: torch.Tensor, kwargs: dict, timesteps):
+    """A zero-argument callable for `quant.calibrate`: one direct DiT call on the same input per t of `timesteps`."""
+    return lambda: [dit(x, torch.full((x.shape[0],), float(t)), **kwargs) for t in timesteps]
+
+
 def calibration_loop(model: nn.Module, steps: int = 8, seeds=(0, 1)):
     """A zero-argument callable for `quant.calibrate`: runs the sampler once per seed."""
     def run():

@@ -6,7 +6,7 @@ import torch
 
 import quant
 from quant.primitives import sqnr
-from tests.tiny_models import calibration_loop, dit_inputs, generate, tiny_diffusion_cond, tiny_dit
+from tests.tiny_models import calibration_loop, dit_inputs, dit_timestep_loop, generate, tiny_diffusion_cond, tiny_dit
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +68,7 @@ def test_timestep_groups_split_the_calibrated_timesteps(stats):
 def test_sqd_picks_the_smoothing_of_the_current_timestep_group():
     dit = tiny_dit()
     x, _, kwargs = dit_inputs()
-
-    def forward_loop():
-        for t in (0.05, 0.2, 0.4, 0.6, 0.8, 0.95):
-            dit(x, torch.full((2,), t), **kwargs)
-
-    stats = quant.calibrate(dit, forward_loop, progress=False)
+    stats = quant.calibrate(dit, dit_timestep_loop(dit, x, kwargs, (0.05, 0.2, 0.4, 0.6, 0.8, 0.95)), progress=False)
     assert len(stats.timesteps) == 6
     q = quant.quantize_(copy.deepcopy(dit), quant.get_recipe("w8a8-sqd-pergroup").replace(timestep_groups=3), stats)
     layer = q.transformer.layers[1].ff.ff[0].proj

@@ -11,7 +11,7 @@ import quant
 from quant import estimators, rotation
 from quant.plan import plan_layer
 from quant.primitives import sqnr
-from tests.tiny_models import dit_inputs, tiny_dit
+from tests.tiny_models import dit_inputs, dit_timestep_loop, tiny_dit
 
 
 def outlier_channels(tokens=512, channels=256, seed=0):
@@ -125,12 +125,8 @@ def test_integer_matches_simulated_for_every_option(option, w_bits):
 def dit_and_stats():
     dit = tiny_dit()
     x, _, kwargs = dit_inputs()
-
-    def forward_loop():
-        for t in (0.05, 0.2, 0.4, 0.6, 0.8, 0.95):
-            dit(x, torch.full((2,), t), **kwargs)
-
-    return dit, quant.calibrate(dit, forward_loop, progress=False)
+    return dit, quant.calibrate(dit, dit_timestep_loop(dit, x, kwargs, (0.05, 0.2, 0.4, 0.6, 0.8, 0.95)),
+                                progress=False)
 
 
 @pytest.mark.parametrize("option", list(GROUPED_OPTIONS))

@@ -10,7 +10,7 @@ from torch import nn
 import quant
 from quant import kernels
 from quant.primitives import per_token_scale, quantize, sqnr
-from tests.tiny_models import dit_inputs, tiny_dit
+from tests.tiny_models import dit_inputs, dit_timestep_loop, tiny_dit
 
 KERNELS = ["int_mm"] + (["onednn"] if kernels.onednn_available() else [])
 METHODS = ("static", "dynamic", "smoothquant", "sqd")
@@ -149,7 +149,7 @@ def test_tiny_dit_integer_matches_simulated_and_save_load_is_bit_identical(use_k
     dit = tiny_dit()
     x, t, kwargs = dit_inputs()
     recipe = quant.get_recipe(preset)
-    stats = quant.calibrate(dit, lambda: [dit(x, torch.full_like(t, ti), **kwargs) for ti in (0.1, 0.4, 0.7, 0.95)],
+    stats = quant.calibrate(dit, dit_timestep_loop(dit, x, kwargs, (0.1, 0.4, 0.7, 0.95)),
                             progress=False) if recipe.needs_calibration else None
     models = {backend: quant.quantize_(copy.deepcopy(dit), recipe.replace(backend=backend), stats)
               for backend in ("simulated", "integer")}

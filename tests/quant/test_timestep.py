@@ -5,7 +5,7 @@ import torch
 
 import quant
 from quant.timestep import group_index
-from tests.tiny_models import dit_inputs, tiny_dit
+from tests.tiny_models import dit_inputs, dit_timestep_loop, tiny_dit
 
 
 def test_tracker_reads_t_positionally_and_by_keyword():
@@ -29,8 +29,7 @@ def test_group_index_orders_groups_by_t():
 def test_a_deep_copy_of_an_sqd_model_follows_its_own_timesteps():
     dit = tiny_dit()
     x, _, kwargs = dit_inputs()
-    stats = quant.calibrate(dit, lambda: [dit(x, torch.full((2,), t), **kwargs) for t in (0.1, 0.4, 0.7, 0.9)],
-                            progress=False)
+    stats = quant.calibrate(dit, dit_timestep_loop(dit, x, kwargs, (0.1, 0.4, 0.7, 0.9)), progress=False)
     recipe = quant.get_recipe("w8a8-sqd-pergroup").replace(timestep_groups=2)
     original = quant.quantize_(copy.deepcopy(dit), recipe, stats)
     clone = copy.deepcopy(original)
