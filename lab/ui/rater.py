@@ -43,12 +43,21 @@ def _page(name: str) -> list:
     return [gr.Column(visible=name == page) for page in ("welcome", "training", "trial", "done")]
 
 
+def _played_note(trial: Trial, plays: dict) -> str:
+    """How many of the page's clips the server has seen played (the reference counts as one)."""
+    total = len(trial.stimuli)
+    played = sum(1 for stimulus in trial.stimuli if plays.get(stimulus.label))
+    if played == total:
+        return "Every clip played: rate them and continue."
+    return f"Played {played} of {total} clips: play each one before you rate."
+
+
 def _blank_trial() -> list:
     """Updates that empty the trial widgets (after the last page)."""
     updates = ["", "", gr.Audio(value=None, visible=False)]
     for _ in range(MAX_CLIPS):
         updates += [gr.Row(visible=False), gr.Audio(value=None), gr.Slider(value=0, visible=False)]
-    return updates + [gr.Radio(value=None, visible=False), gr.Textbox(value="")]
+    return updates + [gr.Radio(value=None, visible=False), gr.Textbox(value=""), ""]
 
 
 class RaterPages:
@@ -123,13 +132,14 @@ class RaterPages:
                                   visible=shown and trial.test_type == "mushra")]
         choices = [(f"{value} - {words}", value) for value, words in view.scale.labels]
         updates += [gr.Radio(choices=choices, value=None, label=view.scale.question,
-                             visible=trial.test_type != "mushra"), gr.Textbox(value="")]
+                             visible=trial.test_type != "mushra"), gr.Textbox(value=""), _played_note(trial, {})]
         return session, updates, ""
 
-    def mark_played(self, session: dict, index: int | None) -> dict:
-        """Count one play of clip `index` on the current page (None: the open reference)."""
+    def mark_played(self, session: dict, index: int | None) -> tuple[dict, str]:
+        """Count one play of clip `index` on the current page (None: the open reference); return the session
+        and the page's played note, which tells the rater (and a browser test) that the server has the play."""
         if not session or not session.get("trial"):
-            return session
+            return session, ""
         trial = self._trial(session)
         rated = trial.rated
         if index is None:
@@ -137,10 +147,10 @@ class RaterPages:
         else:
             label = rated[index].label if index < len(rated) else None
         if label is None:
-            return session
+            return session, _played_note(trial, session["plays"])
         plays = dict(session["plays"])
         plays[label] = plays.get(label, 0) + 1
-        return {**session, "plays": plays}
+        return {**session, "plays": plays}, _played_note(trial, plays)
 
     def _trial(self, session: dict) -> Trial:
         manifest, _ = self._study(session)
@@ -195,6 +205,7 @@ def build_rater_app(studies: Studies, *, browser_secret: str) -> gr.Blocks:
                 rows.append(row)
             choice = gr.Radio(visible=False, elem_id="choice")
             comment = gr.Textbox(label="Comment (optional)", max_lines=3, elem_id="comment")
+            played = gr.Markdown(elem_id="played")
             submit = gr.Button("Submit and continue", variant="primary", elem_id="submit")
             status = gr.Markdown(elem_id="status")
         with gr.Column(visible=False) as done_page:
@@ -202,7 +213,8 @@ def build_rater_app(studies: Studies, *, browser_secret: str) -> gr.Blocks:
 
         pages_out = [welcome_page, training_page, trial_page, done_page]
         trial_out = [*pages_out, header, instructions, reference,
-                     *[component for trio in zip(rows, players, sliders) for component in trio], choice, comment]
+                     *[component for trio in zip(rows, players, sliders) for component in trio], choice, comment,
+                     played]
 
         def user_message(fn):
             @functools.wraps(fn)
@@ -248,10 +260,10 @@ def build_rater_app(studies: Studies, *, browser_secret: str) -> gr.Blocks:
 
         to_trials.click(first_trial, inputs=[session], outputs=[session, *trial_out, done, status], api_name="trials")
 
-        reference.play(functools.partial(pages.mark_played, index=None), inputs=[session], outputs=[session],
+        reference.play(functools.partial(pages.mark_played, index=None), inputs=[session], outputs=[session, played],
                        api_name="play_reference", concurrency_limit=None)
         for index, player in enumerate(players):
-            player.play(functools.partial(pages.mark_played, index=index), inputs=[session], outputs=[session],
+            player.play(functools.partial(pages.mark_played, index=index), inputs=[session], outputs=[session, played],
                         api_name=f"play_{index + 1}", concurrency_limit=None)
 
         @user_message

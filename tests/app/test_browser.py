@@ -98,6 +98,8 @@ def rate_study(page, url, study, rater, screenshot=None):
         for index in range(MAX_CLIPS):
             if page.locator(f"#clip-{index}").is_visible():
                 play(page, f"#clip-{index}")
+        # the server counts plays: submit once it has every one, as a rater would see in the played note
+        expect(page.locator("#played")).to_contain_text("Every clip played", timeout=30_000)
         if page.locator("#choice").is_visible():
             page.locator("#choice label").nth(1).click()
         if screenshot and page.locator("#reference").is_visible():

@@ -34,11 +34,12 @@ def trial_clips(outputs) -> list[dict]:
             and isinstance(o.get("value"), (str, dict))]
 
 
-def play_all(c: Client, outputs, reference: bool = False) -> None:
-    for index in range(len(trial_clips(outputs))):
-        c.predict(api_name=f"/play_{index + 1}")
+def play_all(c: Client, outputs, reference: bool = False) -> str:
+    """Play every clip of the page (and the reference); return the played note the last play showed."""
+    notes = [c.predict(api_name=f"/play_{index + 1}") for index in range(len(trial_clips(outputs)))]
     if reference:
-        c.predict(api_name="/play_reference")
+        notes.append(c.predict(api_name="/play_reference"))
+    return notes[-1]
 
 
 def ratings(studies, study) -> list[dict]:
@@ -99,10 +100,10 @@ def test_a_mushra_page_needs_every_clip_and_the_reference_played(served):
     outputs = c.predict(api_name="/trials")
     clips = trial_clips(outputs)
     assert len(clips) == 4  # hidden reference, anchor, two conditions
-    play_all(c, outputs)
+    assert play_all(c, outputs) == "Played 4 of 5 clips: play each one before you rate."
     with pytest.raises(AppError, match="Reference"):
         c.predict(None, "", *SLIDERS_AT, api_name="/submit")
-    c.predict(api_name="/play_reference")
+    assert "Every clip played" in c.predict(api_name="/play_reference")
     scores = [100, 20, 70, 60] + [0] * (MAX_CLIPS - 4)
     c.predict(None, "", *scores, api_name="/submit")
     rows = [r for r in ratings(studies, "mushra") if r["rater_id"] == "mushra-rater-1"]
