@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gptq import gptq_quantize_weight
 from .kernels import (
     PreparedWeight,
     WeightOnlyWeight,
@@ -140,15 +141,17 @@ class QuantLinear(nn.Module):
         if plan.factors is not None:
             layer.smooth.copy_(plan.factors)
         for copy_index, w in enumerate(plan.weights):  # smoothed and rotated as the recipe says
-            layer._store_weight(copy_index, w)
+            layer._store_weight(copy_index, w, None if plan.hessians is None else plan.hessians[copy_index])
         if plan.act_scale is not None:
             layer.act_scale.copy_(plan.act_scale)
         layer.alphas = plan.alphas
         layer.attach(tracker)
         return layer
 
-    def _store_weight(self, copy_index: int, w: torch.Tensor) -> None:
-        """Quantize one (smoothed) weight copy w (out, in), fitting the low-rank branch first if any."""
+    def _store_weight(self, copy_index: int, w: torch.Tensor, hessian: torch.Tensor | None = None) -> None:
+        """Quantize one (smoothed) weight copy w (out, in), fitting the low-rank branch first if any; with a
+        GPTQ `hessian`, round what the branch leaves (W - branch) by GPTQ (the branch's fit stays on the
+        round-to-nearest residual: on the demo model that order beat fitting it to the GPTQ residual)."""
         recipe = self.recipe
         if recipe.w_bits == 16:
             self.qweight[copy_index] = w.to(self.dtype)
@@ -157,12 +160,16 @@ class QuantLinear(nn.Module):
             def quantizer(m):
                 return fake_quant_weight(m, recipe.w_bits, recipe.group_size)
             if recipe.lora_init == "random":
-                w, a, b = random_low_rank(w, recipe.lora_rank)
+                to_quantize, a, b = random_low_rank(w, recipe.lora_rank)
             else:
-                w, a, b = fit_low_rank(w, quantizer, recipe.lora_rank, recipe.lora_iterations)
+                to_quantize, a, b = fit_low_rank(w, quantizer, recipe.lora_rank, recipe.lora_iterations)
             self.lowrank[copy_index].A.copy_(a)
             self.lowrank[copy_index].B.copy_(b)
-        codes, scale = quantize_weight(w, recipe.w_bits, recipe.group_size)
+            w = to_quantize if hessian is None else w - (a @ b).t()
+        if hessian is not None:
+            codes, scale = gptq_quantize_weight(w, recipe.w_bits, hessian, recipe.group_size)
+        else:
+            codes, scale = quantize_weight(w, recipe.w_bits, recipe.group_size)
         self.qweight[copy_index] = pack_int4(codes) if recipe.w_bits == 4 else codes
         self.weight_scale[copy_index] = scale
 

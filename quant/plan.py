@@ -7,6 +7,7 @@ v = 0..V-1 (V = G with smoothing="per-group", else 1; group g uses vector v(g) =
     activation seen by the quantizer   x'_g = R(x / s_v(g))        R = block Hadamard, or identity
     weight copy v to quantize          W'_v = R(W * s_v)           (x'_g W'^T = x W^T exactly, before rounding)
     static scale of group g            scale_g = clip(x'_g) / qmax  (`estimators.clip_value`)
+    GPTQ input statistics of copy v    H_v = x'^T x' / rows         over the sample rows of the groups using v
 
 The clip value's inputs: "max" of the raw or smoothed activation is the exact bound max_j(absmax_gj / s_j);
 a rotated activation's max, and any percentile / MSE clip of a transformed activation, come from the
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .estimators import clip_value, histogram
+from .gptq import hessian_from_rows
 from .observers import LayerCalibration
 from .primitives import fake_quant, fake_quant_weight, per_token_scale, scale_from_absmax
 from .recipes import Recipe
@@ -36,6 +38,7 @@ class LayerPlan:
     weights: list[torch.Tensor]       # V (or 1) float32 (out, in) weight copies to quantize
     act_scale: torch.Tensor | None    # (G,) static activation scales, or None
     alphas: list[float] | None        # the alpha of each smoothing vector, or None
+    hessians: list[torch.Tensor] | None = None  # V float64 (in, in) GPTQ input statistics, or None
 
 
 def _missing(what: str, recipe: Recipe, name: str) -> ValueError:
@@ -49,7 +52,7 @@ def plan_layer(weight: torch.Tensor, recipe: Recipe, calib: LayerCalibration | N
     block = recipe.rotation
     device = weight.device
     groups = recipe.timestep_groups
-    if not recipe.needs_calibration:  # dynamic: no statistics, no smoothing
+    if not recipe.needs_calibration:  # dynamic, weight-only: no statistics, no smoothing
         return LayerPlan(None, [rotate(weight, block) if block else weight], None, None)
     if weight.is_meta:  # shapes only (memory reports): no values to estimate from
         vectors = recipe.weight_copies if recipe.smooths else 0
@@ -104,7 +107,15 @@ def plan_layer(weight: torch.Tensor, recipe: Recipe, calib: LayerCalibration | N
         factors = torch.stack(chosen)
     weights = [transformed_weight(s) for s in factors] if factors is not None else [transformed_weight(None)]
     act_scale = act_scales(factors) if recipe.static_activations else None
-    return LayerPlan(factors, weights, act_scale, alphas)
+    hessians = None
+    if recipe.weight_rounding == "gptq":
+        hessians = []
+        for v in range(len(weights)):
+            s = None if factors is None else factors[v]
+            rows = torch.cat([samples[g] for g in range(groups) if vector_of[g] == v])
+            rows = rows if s is None else rows / s
+            hessians.append(hessian_from_rows(rotate(rows, block) if block else rows))
+    return LayerPlan(factors, weights, act_scale, alphas, hessians)
 
 
 def _fake_quant_weight(w: torch.Tensor, recipe: Recipe) -> torch.Tensor:

@@ -16,6 +16,7 @@ LORA_DTYPES = ("float32", "float16", "bfloat16")
 LORA_INITS = ("svd", "random")
 ESTIMATORS = ("max", "percentile", "mse")  # see quant/estimators.py
 SMOOTHINGS = ("per-group", "max", "mean")  # see Recipe.smoothing
+ROUNDINGS = ("nearest", "gptq")  # see Recipe.weight_rounding
 ALPHA_SEARCH = "search"
 
 # Layers kept in full precision by default (fnmatch patterns on names relative to the DiT).
@@ -66,6 +67,10 @@ class Recipe:
         rotation: None, or the block size (a power of two dividing every quantized layer's in_features) of a
             block-diagonal Hadamard rotation of the input channels: the weight is rotated once before
             quantizing, the activation at run time before it is quantized. See quant/rotation.py.
+        weight_rounding: "nearest" (round each weight to its closest code) or "gptq" (choose codes column by
+            column so the layer's output error on the calibration sample rows is smallest: quant/gptq.py).
+            Same scales, same stored format; "gptq" makes any recipe a calibrated one. With the low-rank
+            branch, the branch is fitted to the round-to-nearest residual first and GPTQ rounds W - branch.
         lora_rank: rank of the SVD low-rank branch on the residual weight error (0 = none).
         lora_iterations: alternations Q = Q(W - L), L = SVD_r(W - Q) (1 = plain SVD of W - Q(W)).
         lora_dtype: dtype the branch is stored and run in.
@@ -96,6 +101,7 @@ class Recipe:
     percentile: float = 99.99
     smoothing: str = "per-group"
     rotation: int | None = None
+    weight_rounding: str = "nearest"
 
     def __post_init__(self):
         object.__setattr__(self, "skip", tuple(self.skip))
@@ -144,9 +150,12 @@ class Recipe:
             if not self.quantizes_activations:
                 raise ValueError("Recipe.rotation rotates the activation before it is quantized: it needs a "
                                  "method that quantizes activations, not 'weight-only'")
+        _check_choice("weight_rounding", self.weight_rounding, ROUNDINGS)
+        if self.weight_rounding == "gptq" and self.w_bits == 16:
+            raise ValueError("Recipe.weight_rounding='gptq' chooses weight codes, but w_bits=16 keeps float weights")
         if not isinstance(self.timestep_groups, int) or self.timestep_groups < 1:
             raise ValueError(f"Recipe.timestep_groups must be an integer >= 1, got {self.timestep_groups!r}")
-        if self.timestep_groups > 1 and not self.needs_calibration:
+        if self.timestep_groups > 1 and not self.calibrates_activations:
             raise ValueError(f"Recipe.timestep_groups={self.timestep_groups} needs a calibrated method "
                              f"(static, smoothquant, sqd), not '{self.method}'")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
@@ -164,9 +173,14 @@ class Recipe:
                                  "Use backend='simulated' or group_size=None.")
 
     @property
-    def needs_calibration(self) -> bool:
-        """Static activation scales and smoothing factors come from calibration statistics."""
+    def calibrates_activations(self) -> bool:
+        """Static activation scales or smoothing factors come from calibration: static, smoothquant, sqd."""
         return self.method in ("static", "smoothquant", "sqd")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Calibration statistics are needed: for the activations, or for GPTQ's input statistics."""
+        return self.calibrates_activations or self.weight_rounding == "gptq"
 
     @property
     def smooths(self) -> bool:
@@ -192,10 +206,10 @@ class Recipe:
 
     @property
     def needs_samples(self) -> bool:
-        """Calibration sample rows are needed: for an alpha search, and for a static scale of a transformed
+        """Calibration sample rows are needed: for an alpha search, for GPTQ, and for a static scale of a transformed
         (smoothed or rotated) activation other than the exact max bound of a smoothed one."""
         transformed = self.smooths or self.rotation is not None
-        return self.alpha_search or (self.static_activations and transformed
+        return self.alpha_search or self.weight_rounding == "gptq" or (self.static_activations and transformed
                                      and (self.estimator != "max" or self.rotation is not None))
 
     @property
@@ -260,12 +274,16 @@ METHOD_PRESETS = {
     "sqd": dict(smoothing="max", rotation=ROTATION_BLOCK),
     "weight-only": {},
 }
-# Variants: (method, variant) -> fields. Each exists at W8A8 and W4A8, with and without the low-rank branch.
+# Variants: (method, variant) -> fields. Each exists at W8 and W4 (A8, or A16 for weight-only), with and without
+# the low-rank branch.
 VARIANT_PRESETS = {
     ("static", "mse"): dict(estimator="mse", timestep_groups=STATIC_TIMESTEP_GROUPS),
     ("static", "rot"): dict(rotation=ROTATION_BLOCK, timestep_groups=STATIC_TIMESTEP_GROUPS),
     ("dynamic", "rot"): dict(rotation=ROTATION_BLOCK),
     ("sqd", "pergroup"): dict(smoothing="per-group", timestep_groups=SQD_TIMESTEP_GROUPS),
+    ("dynamic", "gptq"): dict(weight_rounding="gptq"),
+    ("sqd", "gptq"): dict(METHOD_PRESETS["sqd"], weight_rounding="gptq"),
+    ("weight-only", "gptq"): dict(weight_rounding="gptq"),
 }
 
 
@@ -279,8 +297,9 @@ def _build_presets() -> dict[str, Recipe]:
                 name = preset_name(w_bits, a_bits, method, lora)
                 presets[name] = Recipe(name, w_bits, a_bits, method, lora_rank=rank, **fields)
             for (method, variant), fields in VARIANT_PRESETS.items():
-                name = preset_name(w_bits, 8, method, lora, variant)
-                presets[name] = Recipe(name, w_bits, 8, method, lora_rank=rank, **fields)
+                a_bits = 16 if method == "weight-only" else 8
+                name = preset_name(w_bits, a_bits, method, lora, variant)
+                presets[name] = Recipe(name, w_bits, a_bits, method, lora_rank=rank, **fields)
     return dict(sorted(presets.items()))
 
 

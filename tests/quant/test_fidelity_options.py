@@ -1,5 +1,6 @@
-"""The fidelity options: rotation, range estimators, per-layer alpha search, single-copy smoothing, timestep-aware
-static scales; calibration statistics that carry histograms and sample rows; clear errors on bad values."""
+"""The fidelity options: rotation, range estimators, per-layer alpha search, single-copy smoothing, GPTQ
+rounding, timestep-aware static scales; calibration statistics that carry histograms and sample rows; clear
+errors on bad values."""
 import copy
 
 import pytest
@@ -47,6 +48,8 @@ OPTIONS = {
     "sqd-max": dict(method="sqd", smoothing="max"),
     "sqd-mean-search": dict(method="sqd", smoothing="mean", alpha="search"),
     "sqd-max-rot": dict(method="sqd", smoothing="max", rotation=128),
+    "dynamic-gptq": dict(method="dynamic", weight_rounding="gptq"),
+    "sqd-max-rot-gptq+lora": dict(method="sqd", smoothing="max", rotation=128, weight_rounding="gptq", lora_rank=4),
 }
 # the same options with timestep groups, where they have a meaning there (run in a DiT)
 GROUPED_OPTIONS = {
@@ -55,6 +58,7 @@ GROUPED_OPTIONS = {
     "smoothquant-G2-pergroup-search-rot": dict(method="smoothquant", timestep_groups=2, alpha="search", rotation=32),
     "sqd-G4-pergroup-search": dict(method="sqd", timestep_groups=4, alpha="search"),
     "sqd-single-rot+lora": dict(method="sqd", smoothing="mean", rotation=32, lora_rank=4),
+    "sqd-G4-pergroup-gptq": dict(method="sqd", timestep_groups=4, weight_rounding="gptq"),
 }
 
 
@@ -342,6 +346,9 @@ def test_every_option_quantizes_a_meta_device_model_from_placeholder_stats(optio
     (dict(method="dynamic", rotation=1), "power of two"),
     (dict(method="dynamic", rotation=True), "power of two"),
     (dict(method="weight-only", a_bits=16, rotation=64), "rotation.*weight-only"),
+    (dict(weight_rounding="stochastic"), "weight_rounding must be one of"),
+    (dict(w_bits=16, backend="simulated", weight_rounding="gptq"), "gptq.*w_bits=16"),
+    (dict(method="dynamic", weight_rounding="gptq", timestep_groups=2), "needs a calibrated method"),
 ])
 def test_bad_option_values_get_clear_errors(fields, message):
     with pytest.raises(ValueError, match=message):
