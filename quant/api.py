@@ -57,13 +57,14 @@ def quantize_(model: nn.Module, recipe: Recipe | str, stats: CalibrationStats | 
     """Swap the DiT's nn.Linear layers for QuantLinear in place (skipping `recipe.skip`); returns `model`.
 
     model: a SAT `diffusion_cond` model, a bare DiffusionTransformer, or any module tree of linears.
-    stats: from `quant.calibrate`; required by static, smoothquant and sqd recipes.
+    stats: from `quant.calibrate`; required by static, smoothquant and sqd recipes and by GPTQ rounding.
     """
     recipe = _as_recipe(recipe)
     root = find_dit(model)
     _check_not_quantized(root)
     if recipe.needs_calibration and stats is None:
-        raise ValueError(f"recipe '{recipe.name}' (method '{recipe.method}') needs calibration statistics: "
+        why = f"method '{recipe.method}'" if recipe.calibrates_activations else "GPTQ weight rounding"
+        raise ValueError(f"recipe '{recipe.name}' ({why}) needs calibration statistics: "
                          "run stats = quant.calibrate(model, forward_loop) first and pass stats=stats")
     targets = quantization_targets(root, recipe)
     if not targets:
