@@ -15,7 +15,7 @@ the dampening `GPTQ_DAMP` x mean(diag H) added to its diagonal keeps it invertib
 """
 import torch
 
-from .primitives import expand_group_scale, per_channel_scale, per_group_scale, qmax
+from .primitives import expand_group_scale, qmax, weight_scale
 
 GPTQ_DAMP = 0.1  # of the mean diagonal of H; 0.1 beat 0.01 on the demo model (docs/fidelity.md)
 GPTQ_BLOCK = 128  # columns rounded before the rest of the weight is updated (speed only: same result)
@@ -34,7 +34,7 @@ def gptq_quantize_weight(w: torch.Tensor, bits: int, hessian: torch.Tensor, grou
     if hessian.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"GPTQ needs a ({w.shape[1]}, {w.shape[1]}) input Hessian, got {tuple(hessian.shape)}")
     device = w.device
-    scale = per_channel_scale(w.float(), bits) if group_size is None else per_group_scale(w.float(), bits, group_size)
+    scale = weight_scale(w.float(), bits, group_size)
     column_scale = expand_group_scale(scale, w.shape[1]).expand(w.shape).double()  # (out, in)
     h = hessian.to(device=device, dtype=torch.float64).clone()
     work = w.to(torch.float64).clone()

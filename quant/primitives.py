@@ -68,9 +68,14 @@ def expand_group_scale(scale: torch.Tensor, in_features: int) -> torch.Tensor:
     return scale.repeat_interleave(in_features // scale.shape[-1], dim=-1)
 
 
+def weight_scale(w: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """The weight's scale: per output channel (out, 1), or per `group_size` input channels (out, in/group)."""
+    return per_channel_scale(w, bits) if group_size is None else per_group_scale(w, bits, group_size)
+
+
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None):
     """Symmetric weight quantization. w (out, in) -> codes int8 (out, in), scale (out, 1 or in/group)."""
-    scale = per_channel_scale(w, bits) if group_size is None else per_group_scale(w, bits, group_size)
+    scale = weight_scale(w, bits, group_size)
     codes = quantize(w, expand_group_scale(scale, w.shape[1]), bits)
     return codes, scale
 
