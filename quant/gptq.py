@@ -15,7 +15,7 @@ the dampening `GPTQ_DAMP` x mean(diag H) added to its diagonal keeps it invertib
 """
 import torch
 
-from .primitives import expand_group_scale, qmax, weight_scale
+from .primitives import expand_group_scale, quantize, weight_scale
 
 GPTQ_DAMP = 0.1  # of the mean diagonal of H; 0.1 beat 0.01 on the demo model (docs/fidelity.md)
 GPTQ_BLOCK = 128  # columns rounded before the rest of the weight is updated (speed only: same result)
@@ -42,7 +42,6 @@ def gptq_quantize_weight(w: torch.Tensor, bits: int, hessian: torch.Tensor, grou
     h[dead, dead] = 1.0
     h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=device)
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    limit = qmax(bits)
     codes = torch.empty(w.shape, dtype=torch.int8, device=device)
     for start in range(0, w.shape[1], block):
         end = min(start + block, w.shape[1])
@@ -51,9 +50,8 @@ def gptq_quantize_weight(w: torch.Tensor, bits: int, hessian: torch.Tensor, grou
         h_chunk = h_inv[start:end, start:end]
         for i in range(end - start):
             s = column_scale[:, start + i]
-            q = torch.clamp(torch.round(chunk[:, i] / s), -limit, limit)
-            codes[:, start + i] = q.to(torch.int8)
-            error = (chunk[:, i] - q * s) / h_chunk[i, i]
+            codes[:, start + i] = quantize(chunk[:, i], s, bits)  # round-to-nearest of the updated column
+            error = (chunk[:, i] - codes[:, start + i].double() * s) / h_chunk[i, i]
             chunk[:, i:] -= error[:, None] * h_chunk[i, i:][None, :]
             errors[:, i] = error
         work[:, end:] -= errors @ h_inv[start:end, end:]

@@ -93,7 +93,7 @@ def plan_layer(weight: torch.Tensor, recipe: Recipe, calib: LayerCalibration | N
                 w_q = _fake_quant_weight(transformed_weight(s), recipe)
                 total = 0.0
                 for g in (g for g in range(groups) if vector_of[g] == v):
-                    x = rotate(samples[g] / s, block) if block else samples[g] / s
+                    x = _as_seen(samples[g], s, block)
                     if recipe.static_activations:
                         scale = _static_scale(recipe, absmax[g], s, samples[g], None)
                     else:
@@ -113,9 +113,14 @@ def plan_layer(weight: torch.Tensor, recipe: Recipe, calib: LayerCalibration | N
         for v in range(len(weights)):
             s = None if factors is None else factors[v]
             rows = torch.cat([samples[g] for g in range(groups) if vector_of[g] == v])
-            rows = rows if s is None else rows / s
-            hessians.append(hessian_from_rows(rotate(rows, block) if block else rows))
+            hessians.append(hessian_from_rows(_as_seen(rows, s, block)))
     return LayerPlan(factors, weights, act_scale, alphas, hessians)
+
+
+def _as_seen(rows: torch.Tensor, s: torch.Tensor | None, block: int | None) -> torch.Tensor:
+    """x' = R(x / s): calibration rows as the quantized matmul sees them (smoothing and rotation optional)."""
+    x = rows if s is None else rows / s
+    return rotate(x, block) if block else x
 
 
 def _fake_quant_weight(w: torch.Tensor, recipe: Recipe) -> torch.Tensor:
@@ -133,8 +138,7 @@ def _static_scale(recipe: Recipe, absmax: torch.Tensor, s: torch.Tensor | None, 
     elif not transformed:
         clip = clip_value(hist, float(bound), recipe.estimator, recipe.a_bits, recipe.percentile)
     else:
-        x = rows if s is None else rows / s
-        x = rotate(x, block) if block else x
+        x = _as_seen(rows, s, block)
         top = float(x.abs().amax()) if block else float(bound)  # a rotated activation's max: from the rows
         clip = clip_value(histogram(x), top, recipe.estimator, recipe.a_bits, recipe.percentile)
     return scale_from_absmax(torch.tensor(clip, device=absmax.device), recipe.a_bits)
