@@ -1,7 +1,8 @@
 """Audio DiT PTQ Lab: listen to what post-training quantization does to an audio diffusion transformer.
 
-One server, two Gradio apps: the listening test at `/` (a study link, `/?study=ID`, shows raters that study and
-nothing else) and the experimenter's console at `/admin`, behind a password (Compare, Studies, Results).
+One server: the listening test at `/` (a plain page over a JSON API: a study link, `/?study=ID`, shows raters
+that study and nothing else) and the experimenter's Gradio console at `/admin`, behind a password (Compare,
+Studies, Results).
 Layouts live in `lab/ui/`, the work in `lab/`; this file wires them together.
 
     ptq-lab [--model REPO | --model-config JSON --ckpt-path CKPT] [--quantized FILE] [--calibration-stats FILE]
@@ -20,7 +21,6 @@ from lab.settings import Settings  # reads no torch: --help answers at once
 log = logging.getLogger("ptq-lab")
 ADMIN_PATH = "/admin"
 ADMIN_USER = "admin"
-BROWSER_SECRET_FILE = ".browser-secret"
 
 
 def parse_args(argv=None, settings: Settings | None = None) -> argparse.Namespace:
@@ -46,16 +46,6 @@ def parse_args(argv=None, settings: Settings | None = None) -> argparse.Namespac
     return parser.parse_args(argv)
 
 
-def browser_secret(studies_dir: Path) -> str:
-    """The key of the raters' local storage: kept beside the studies so a restart still reads it."""
-    path = Path(studies_dir) / BROWSER_SECRET_FILE
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(16))
-        path.chmod(0o600)
-    return path.read_text().strip()
-
-
 def gpu_wrapper():
     """Hugging Face ZeroGPU: borrow a GPU for the duration of a generation; a no-op everywhere else."""
     try:
@@ -66,23 +56,24 @@ def gpu_wrapper():
 
 
 def build_server(lab, studies, *, admin_password: str, concurrency_limit: int = 1):
-    """FastAPI app with the console mounted at /admin (login required) and the listening test at /.
+    """FastAPI app with the console mounted at /admin (login required, failed logins throttled per client)
+    and the listening test at /.
 
-    Neither app is given `allowed_paths`: Gradio serves only the files its own events returned (copied into
-    its cache, named by content hash and the opaque stimulus name), so no path outside those answers."""
+    The console is given no `allowed_paths`: Gradio serves only the files its own events returned. The
+    rater's page serves audio through its own per-rater routes (lab.ui.rater), never a path."""
     import gradio as gr
     from fastapi import FastAPI
 
     from lab.ui.console import build_console
-    from lab.ui.rater import build_rater_app
+    from lab.ui.login import throttle_login
+    from lab.ui.rater import mount_rater
 
-    server = FastAPI()
+    server = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    mount_rater(server, studies)
     console = build_console(lab, studies, concurrency_limit=concurrency_limit, on_gpu=gpu_wrapper())
     console.queue(max_size=64)
     gr.mount_gradio_app(server, console, path=ADMIN_PATH, auth=(ADMIN_USER, admin_password), footer_links=[])
-    rater = build_rater_app(studies, browser_secret=browser_secret(studies.root))
-    rater.queue(default_concurrency_limit=16, max_size=256)
-    gr.mount_gradio_app(server, rater, path="", footer_links=[])
+    throttle_login(server, f"{ADMIN_PATH}/login")
     return server
 
 

@@ -6,6 +6,8 @@ One row per configuration: fp32, bf16, and each quant preset (W8A8 / W4A8 x stat
 sqd, each with and without the rank-32 low-rank branch, plus weight-only W8A16 / W4A16). One module per part:
 
 - `bench.config`: the rows, recipes, seeds and sizes of a run (`BenchConfig`);
+- `bench.random_models`: random SAT models with live branches, to measure at a shape without trained weights
+  (also used by the scripts and the tests);
 - `bench.shape`: memory and speed of one DiT forward at SAO's DiT shape (random weights; memory on the meta
   device, exactly, in a second);
 - `bench.sampling` and `bench.fidelity`: the evaluated model (default: the embedded demo model) sampled with the

@@ -8,19 +8,24 @@ Builds the app's engine exactly as `make demo` does (embedded model, `lab.compar
 quantizes each recipe once (not timed), then generates each pair as `Lab.compare` does (`lab.generation.generate_pair`)
 `--runs` times, recipes interleaved, and prints per run both clips' generation times and their ratio, then the median
 ratio per recipe (the machine may be shared: medians of interleaved runs, not a single pair, are what to read).
+Torch loads in `main`, after OMP_WAIT_POLICY defaults to PASSIVE (idle threads sleep rather than spin).
 """
+from __future__ import annotations
+
 import argparse
 import os
 import statistics
 import time
+from typing import TYPE_CHECKING
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as app.py does
-
-from lab.generation import GenerationRequest, generate_pair  # noqa: E402
+if TYPE_CHECKING:
+    from lab.generation import GenerationRequest
 
 
 def default_request(lab, prompt: str = "sine tone at A4", *, steps: int | None = None) -> GenerationRequest:
     """The Compare tab's request at the model's sampler defaults (seed 1), optionally with fewer steps."""
+    from lab.generation import GenerationRequest
+
     defaults = lab.loaded.sampling
     return GenerationRequest.from_ui(prompt=prompt, negative_prompt="", seconds=defaults.seconds or 2.0,
                                      steps=steps or defaults.steps, cfg_scale=defaults.cfg_scale,
@@ -30,6 +35,8 @@ def default_request(lab, prompt: str = "sine tone at A4", *, steps: int | None =
 def clip_times(lab, recipe: str, request: GenerationRequest) -> dict:
     """Both clips of one comparison of `recipe` as `Lab.compare` generates them: seconds each, their ratio, and the
     log-mel distance of the two clips."""
+    from lab.generation import generate_pair
+
     pair = generate_pair(lab.loaded, lab.quantized.get(recipe)[0], request, trace_layer=lab.default_layer())
     fp, q = pair.full_precision.seconds_taken, pair.quantized.seconds_taken
     return {"full_precision_s": fp, "quantized_s": q, "quantized_over_full_precision": q / fp,
@@ -37,6 +44,7 @@ def clip_times(lab, recipe: str, request: GenerationRequest) -> dict:
 
 
 def main(argv=None) -> None:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # OpenMP reads it when torch loads, just below
     from lab.comparison import build_lab
     from lab.settings import Settings
 

@@ -29,7 +29,7 @@ QUICK_RECIPES = ("w8a8-static", "w8a8-dynamic", "w8a8-sqd+lora", "w4a8-static", 
                  "w4a16", "w8a8-static-rot")
 SQD_SWEEP_RECIPE = "w4a8-sqd-pergroup"  # the timestep-group sweep varies the per-group-copy SQD's groups
 SENSITIVITY_RECIPE, MIXED_HIGH_RECIPE = "w4a8-dynamic", "w8a8-dynamic"
-# evaluation and sensitivity-recording seeds; calibration runs lab.quantized.calibrate, whose one batch has seed 0
+# evaluation and sensitivity-recording seeds; calibration runs lab.calibration.calibrate, whose one batch has seed 0
 EVAL_SEED, RECORD_SEED = 1234, 77
 
 
@@ -43,9 +43,11 @@ class BenchConfig:
     cond_tokens: int = SAO_COND_TOKENS
     reps: int = 3                      # timed DiT forwards per row (after one warm-up), median reported
     simulated_reps: int = 1            # the simulated backend is the paper's reference path, not a speed path
-    prompts_per_family: int = 1        # fidelity prompts: this many per caption family of demo_model.corpus (6 families)
-    max_prompts: int | None = None     # cap on the fidelity prompts (quick mode)
-    calibration_prompts: int = 12      # spread evenly over assets/calibration_prompts.txt (every caption family)
+    prompts_per_family: int = 2        # held-out fidelity prompts (assets/fidelity_prompts.txt) per caption family:
+    #                                    2 x 6 families, both sweep directions and both drum patterns
+    calibration_like_per_family: int = 1  # calibration prompts generated again at the evaluation seed (the gap)
+    max_prompts: int | None = None     # cap on each prompt set (quick mode)
+    calibration_prompts: int = 18      # stratified over assets/calibration_prompts.txt (families, levels, words)
     steps: int | None = None           # sampler steps; None = the model's generation.json
     seconds: float | None = None       # clip length; None = the model's generation.json
     sensitivity_calls: int = 4         # DiT calls (of a 2-prompt sampling run) replayed per layer in the study

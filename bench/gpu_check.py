@@ -90,12 +90,12 @@ def agreement_autocast(device: torch.device, compute_dtype: torch.dtype):
     return torch.autocast(device.type, dtype=compute_dtype)
 
 
-def app_comparison(lab, recipe: str = APP_RECIPE, steps: int | None = None) -> dict:
+def app_comparison(lab, recipe: str = APP_RECIPE, steps: int | None = None, prompt: str = "sine tone at A4") -> dict:
     """One comparison of the app's engine `lab` (`lab.comparison.build_lab`): `Lab.compare` end to end (clips,
     figures, wav files) and the two clips' generation times, at the model's sampler defaults (`steps` fewer)."""
     from bench.app_timing import clip_times, default_request
 
-    request = default_request(lab, steps=steps)
+    request = default_request(lab, prompt, steps=steps)
     started = time.perf_counter()
     view = lab.compare(request, recipe, lab.default_layer())  # first call: quantizes and prepares the weights
     first = time.perf_counter() - started
@@ -112,6 +112,7 @@ def free() -> None:
 def run(args: argparse.Namespace, device: torch.device | str = "cuda", shape: dict | None = None) -> dict:
     """The whole check on `device` (a CUDA device; "cpu" with a tiny `shape` only for the test's dry run)."""
     import quant
+    from bench.random_models import random_dit
     from lab import sat
     from quant.kernels import kernel_name, weight_only_dtype, weight_only_kernel_name
     from quant.primitives import sqnr
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace, device: torch.device | str = "cuda", shape: di
     device = torch.device(device)
     started = time.perf_counter()
     shape = sat.SAO_DIT if shape is None else shape
-    dit = sat.random_dit(shape, device=str(device))  # fp32
+    dit = random_dit(shape, device=str(device))  # fp32
     assert next(dit.parameters()).device.type == device.type and next(dit.parameters()).dtype == torch.float32
     x, t, kwargs = inputs(shape, args.latent_tokens, args.cond_tokens, torch.float32, device)
     cuda = device.type == "cuda"

@@ -6,27 +6,25 @@ One linear layer of each of SAO's three width pairs (K x N: 1536 x 1536, 1536 x 
 rows (514 = CFG batch 2 x (256 latent tokens + 1 global token)): the float paths (fp32, bf16), every weight-only
 path of `quant.kernels.WeightOnlyWeight`, and the int8 paths (static and dynamic activations, each CPU kernel
 this torch has) with the activation quantizers alone. All timed interleaved (one call of each per round),
-median milliseconds, so a busy moment on a shared machine slows one round, not one path.
+median milliseconds, so a busy moment on a shared machine slows one round, not one path. Torch loads in `main`,
+after OMP_WAIT_POLICY defaults to PASSIVE (idle threads sleep rather than spin on a shared machine).
 """
 from __future__ import annotations
 
 import argparse
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from bench.machine import interleaved_median_seconds, machine_info  # noqa: E402
-from quant import kernels  # noqa: E402
-from quant.primitives import pack_int4, quantize_weight  # noqa: E402
-
 SAO_LINEAR_SHAPES = ((1536, 1536), (1536, 6144), (6144, 1536))  # (in, out): attention/cross, ff in, ff out
 
 
 def layer_paths(tokens: int, k: int, n: int) -> dict:
     """name -> zero-argument call of each path for one (tokens, k) @ (k, n) layer with bias."""
+    import torch
+    import torch.nn.functional as F
+
+    from quant import kernels
+    from quant.primitives import pack_int4, quantize_weight
+
     g = torch.Generator().manual_seed(k + n)
     x = torch.randn(tokens, k, generator=g)
     w = torch.randn(n, k, generator=g) * 0.02
@@ -52,16 +50,20 @@ def layer_paths(tokens: int, k: int, n: int) -> dict:
     return paths
 
 
-@torch.no_grad()
 def kernel_table(tokens: int = 514, reps: int = 7) -> dict[str, dict[str, float]]:
     """{"K x N": {path: median ms}} for each SAO linear shape."""
+    import torch
+
+    from bench.machine import interleaved_median_seconds
+
     table = {}
-    for k, n in SAO_LINEAR_SHAPES:
-        paths = layer_paths(tokens, k, n)
-        for call in paths.values():  # warm-up
-            call()
-        seconds = interleaved_median_seconds(paths, reps)
-        table[f"{k} x {n}"] = {name: 1e3 * s for name, s in seconds.items()}
+    with torch.no_grad():
+        for k, n in SAO_LINEAR_SHAPES:
+            paths = layer_paths(tokens, k, n)
+            for call in paths.values():  # warm-up
+                call()
+            seconds = interleaved_median_seconds(paths, reps)
+            table[f"{k} x {n}"] = {name: 1e3 * s for name, s in seconds.items()}
     return table
 
 
@@ -70,6 +72,9 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=514, help="rows of the activation (default: SAO's CFG batch)")
     parser.add_argument("--reps", type=int, default=7, help="interleaved rounds")
     args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # OpenMP reads it when torch loads, just below
+    from bench.machine import machine_info
+
     machine = machine_info()
     print(f"{machine['cpu']}, ISA {', '.join(machine['isa'])}, torch {machine['torch']}, "
           f"{machine['torch_threads']} threads; int8: {machine['int8_kernel']}; weight-only: "

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
-from quant.kernels import kernel_name, weight_only_kernel_name
+from quant.kernels import cpu_profile, kernel_name, weight_only_kernel_name
 
 
 def machine_info() -> dict:
-    """CPU model, cores, instruction-set flags that matter for int8/bf16 kernels, torch version."""
+    """CPU model, cores, instruction-set flags that matter for int8/bf16 kernels, torch version, and the CPU
+    profile the kernels were chosen by (detected, or forced: then the timings are not this CPU's best)."""
     cpu, flags = platform.processor() or "unknown", set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -29,7 +30,9 @@ def machine_info() -> dict:
     return {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "isa": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"}),
             "memory_gib": memory_gib, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "int8_kernel": kernel_name(torch.device("cpu")),
+            "platform": platform.platform(),
+            "cpu_profile": f"{cpu_profile().describe()}: {cpu_profile().features()}",
+            "int8_kernel": kernel_name(torch.device("cpu")),
             "weight_only_kernel": weight_only_kernel_name(torch.device("cpu"))}
 
 

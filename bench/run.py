@@ -74,10 +74,14 @@ def run(cfg: BenchConfig, command: str = COMMAND) -> dict:
             context = prepare_fidelity(cfg)
             settings = context.settings
             results["meta"]["fidelity_model"] = (
-                f"{context.loaded.model_id}, {len(context.prompts)} prompts x {settings.steps} steps "
+                f"{context.loaded.model_id}, {len(context.prompts)} held-out prompts x {settings.steps} steps "
                 f"({settings.sampler_type}, cfg {settings.cfg_scale}, {settings.seconds:g} s), calibrated on "
-                f"{cfg.calibration_prompts} prompts ({len(context.stats.timesteps)} timesteps)")
+                f"{len(context.calibration)} stratified prompts x {settings.steps} steps "
+                f"({len(context.stats.timesteps)} timesteps); gap measured on {len(context.calibration_like)} "
+                "of the calibration prompts")
             results["meta"]["fidelity_prompts"] = context.prompts
+            results["meta"]["calibration_prompts"] = context.calibration
+            results["meta"]["calibration_like_prompts"] = context.calibration_like
             for row, result in fidelity_rows(cfg, context):
                 rows[row].update(result)
                 save()
@@ -112,7 +116,10 @@ def parse_args(argv=None) -> BenchConfig:
     parser.add_argument("--skip-fidelity", action="store_true", help="skip generation (and the studies)")
     parser.add_argument("--skip-studies", action="store_true", help="skip sensitivity, mixed precision, sqd sweep")
     parser.add_argument("--reps", type=int, help="timed DiT forwards per row (default 3; quick 1)")
-    parser.add_argument("--prompts-per-family", type=int, help="fidelity prompts per caption family (default 1: 6 prompts)")
+    parser.add_argument("--prompts-per-family", type=int,
+                        help="held-out fidelity prompts per caption family (default 2: 12 prompts)")
+    parser.add_argument("--calibration-prompts", type=int,
+                        help="calibration prompts, stratified over the caption grammar (default 18)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the model's generation.json)")
     parser.add_argument("--model", help="model to evaluate: Hugging Face repo id (default: embedded demo model)")
     parser.add_argument("--model-config", help="local SAT model_config.json (with --ckpt-path)")
@@ -123,7 +130,7 @@ def parse_args(argv=None) -> BenchConfig:
     overrides = {key: value for key, value in dict(
         out=args.out, ratings=args.ratings, clap=args.clap, clap_amodel=args.clap_amodel, skip_speed=args.skip_speed,
         skip_fidelity=args.skip_fidelity, skip_studies=args.skip_studies, reps=args.reps,
-        prompts_per_family=args.prompts_per_family, steps=args.steps, model=args.model,
+        prompts_per_family=args.prompts_per_family, calibration_prompts=args.calibration_prompts, steps=args.steps, model=args.model,
         model_config=args.model_config, ckpt_path=args.ckpt_path, progress=not args.no_progress).items()
         if value is not None}
     if args.recipes:
@@ -131,7 +138,7 @@ def parse_args(argv=None) -> BenchConfig:
         for name in names:
             quant.get_recipe(name)  # ValueError listing the valid presets
         overrides["recipes"] = names
-    for key in ("reps", "prompts_per_family", "steps"):
+    for key in ("reps", "prompts_per_family", "calibration_prompts", "steps"):
         if key in overrides and overrides[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {overrides[key]}")
     if args.ratings is not None and not args.ratings.is_file():

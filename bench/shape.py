@@ -18,7 +18,7 @@ from torch import nn
 import quant
 from bench.config import FLOAT_ROWS, SAO_CFG_SCALE, BenchConfig, as_recipe, with_progress
 from bench.machine import interleaved_median_seconds, median_seconds
-from lab import sat
+from bench.random_models import random_dit
 
 
 def memory_columns(report: quant.MemoryReport) -> dict:
@@ -30,7 +30,7 @@ def memory_columns(report: quant.MemoryReport) -> dict:
 
 def memory_at_shape(shape: dict, rows, *, progress: bool = True) -> dict[str, dict]:
     """Bytes held by the DiT of `shape` for each row, from quant.memory_report on meta-device models."""
-    dit = sat.random_dit(shape, device="meta")
+    dit = random_dit(shape, device="meta")
     groups = max([as_recipe(row).timestep_groups for row in rows if row not in FLOAT_ROWS] + [1])
     stats = quant.CalibrationStats.placeholder(dit, groups)
     out = {}
@@ -66,7 +66,7 @@ def speed_at_shape(cfg: BenchConfig):
 
     One random DiT of cfg.dit_shape is built once; each row quantizes a copy of it, is timed, and is freed
     before the next (an fp32 SAO DiT is 4 GiB)."""
-    dit = sat.random_dit(cfg.dit_shape)
+    dit = random_dit(cfg.dit_shape)
     x, t, kwargs = forward_inputs(cfg.dit_shape, cfg.latent_tokens, cfg.cond_tokens)
 
     def seconds(model, reps):

@@ -21,6 +21,7 @@ import torch
 
 import quant
 from bench.config import SAO_COND_TOKENS, SAO_LATENT_TOKENS
+from bench.random_models import random_dit
 from bench.shape import forward_inputs
 from lab import sat
 from quant.primitives import sqnr
@@ -57,7 +58,7 @@ def torchao_speed(shape: dict, latent_tokens: int, cond_tokens: int, reps: int =
     version = torchao_version()
     if version is None:
         return {"status": "not run: torchao is not installed (pip install torchao==0.18.0 --no-deps; see docs/bench.md)"}
-    dit = sat.random_dit(shape)
+    dit = random_dit(shape)
     x, t, kwargs = forward_inputs(shape, latent_tokens, cond_tokens)
     ao = torchao_model(dit)
     ours = quant.quantize_(copy.deepcopy(dit), PRESET)

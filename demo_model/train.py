@@ -42,13 +42,24 @@ from demo_model.config import DIT_DEFAULTS, HOP, LATENT_DIM, dit_config, write_m
 from demo_model.mdct import latent_scale, mdct, mdct_autoencoder
 from demo_model.stream import ClipStream
 from lab.sat import build_model, read_config
-from quant.kernels import native_bf16
+from quant.kernels import cpu_profile, native_bf16
 
 CFG_DROPOUT = 0.1
 EMA_DECAY = 0.999
 WARMUP_STEPS = 200
 CHECKPOINT_EVERY_S = 180
 BANK_CHUNK = 64  # clips per chunk a worker makes for the latent bank
+
+
+def bf16_autocast(device: str, fp32_train: bool = False) -> bool:
+    """Whether training steps run under bf16 autocast: where bf16 is native (on a CPU, the CPU profile in
+    force, `quant.kernels.cpu_profile`), unless fp32 is asked for."""
+    return not fp32_train and native_bf16(device)
+
+
+def device_line(device: str) -> str:
+    """The training device for the log; on a CPU with the profile that decided the autocast."""
+    return f"cpu (profile {cpu_profile().describe()})" if torch.device(device).type == "cpu" else device
 
 
 def learning_rate(step: int, progress: float, peak: float) -> float:
@@ -174,9 +185,9 @@ def train(args: argparse.Namespace) -> None:
             return bank.sample(args.batch, draw)
 
         n_params = sum(p.numel() for p in model.model.parameters())
-        autocast = not args.fp32_train and native_bf16(device)
+        autocast = bf16_autocast(device, args.fp32_train)
         print(f"stage 2: DiT {n_params / 1e6:.2f} M params, batch {args.batch}, {args.steps} steps or "
-              f"{args.minutes} min, {device}, {'bf16 autocast' if autocast else 'fp32'}, "
+              f"{args.minutes} min, {device_line(device)}, {'bf16 autocast' if autocast else 'fp32'}, "
               f"starting at step {step} ({elapsed_s / 60:.1f} min done)")
 
         def save() -> None:

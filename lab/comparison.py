@@ -19,7 +19,9 @@ import quant
 from lab import figures
 from lab.audio import loudness_match, write_wav
 from lab.generation import GenerationRequest, PairResult, generate_clip, generate_pair, linear_layer_names, snr_db
-from lab.quantized import QuantizedModels, describe
+from lab.methods import describe
+from lab.quantized import QuantizedModels
+from lab.requests import validate_request
 from lab.resources import app_version, read_prompts
 from lab.sat import LoadedModel, load_model
 from lab.settings import Settings
@@ -71,10 +73,10 @@ class Lab:
 
     def compare(self, request: GenerationRequest, recipe_name: str, layer: str | None = None,
                 on_clip=None, decode_steps: int = 0) -> ComparisonView:
-        """One comparison. A recipe whose calibration has not run is refused with its cost: calibrating is an
-        action of its own (`calibrate`), never a side effect of a comparison. `decode_steps`: see
-        `generate_pair`."""
-        request.validate(max_seconds=self.max_seconds)  # before any model is quantized: a bad request costs nothing
+        """One comparison. The request is checked by `lab.requests.validate_request` (ValueError with the user's
+        message); a recipe whose calibration has not run is refused with its cost: calibrating is an action of its
+        own (`calibrate`), never a side effect of a comparison. `decode_steps`: see `generate_pair`."""
+        validate_request(self.loaded, request)  # before any model is quantized: a bad request costs nothing
         if layer is not None and layer not in self.layers:
             raise ValueError(f"Unknown layer {layer!r}; pick one of the DiT's linear layers.")
         if not self.quantized.ready(recipe_name):

@@ -48,7 +48,8 @@ class GenerationRequest:
     sigma_max: float = 500.0
 
     def validate(self, max_seconds: float) -> None:
-        """Raise ValueError with a message a UI user can act on."""
+        """Raise ValueError with a message a UI user can act on, for the sizes alone: `lab.requests.validate_request`
+        is the whole check (the model's validated sampler settings and prompt words too)."""
         if not self.prompt.strip():
             raise ValueError("The prompt is empty: describe the sound to generate.")
         for name, text in (("prompt", self.prompt), ("negative prompt", self.negative_prompt)):
@@ -176,9 +177,9 @@ def generate_pair(loaded: LoadedModel, quantized_model: torch.nn.Module, request
     Per-step error is measured where the sampler works (latents for SAO), which costs nothing; `decode_steps`
     > 0 also decodes both models' estimates at that many evenly spaced steps for a per-step log-mel distance
     (two decodes each: on SAO that costs more than the generations). `on_clip("full precision" | "quantized")`
-    is called before each clip (for progress messages).
+    is called before each clip (for progress messages). The request is the caller's to check
+    (`lab.requests.validate_request`).
     """
-    request.validate(max_seconds=loaded.sample_size / loaded.sample_rate)
     clips = {}
     for name, model, is_quantized in (("full precision", loaded.model, False),
                                       ("quantized", quantized_model, True)):

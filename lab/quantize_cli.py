@@ -9,7 +9,7 @@
     ptq-quantize memory --sao-shape [--preset w4a8-dynamic+lora]
     ptq-quantize memory --model-config M.json [--preset ...]
 
-Models are loaded, calibrated (same plan: `lab.quantized.CalibrationPlan.default`, same prompt file) and saved
+Models are loaded, calibrated (same plan: `lab.calibration.CalibrationPlan.default`, same prompt file) and saved
 exactly as the app does, so a file written here is served by `ptq-lab --quantized FILE`, statistics by
 `ptq-lab --calibration-stats FILE`, and the app's cached files load here.
 """
@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from lab import sat
-from lab.quantized import CalibrationPlan, check_stats, load_quantized, read_stats, save_quantized
+from lab.calibration import CalibrationPlan, check_stats, read_stats
+from lab.quantized_files import load_quantized, save_quantized
 from lab.resources import read_prompts
 from lab.settings import Settings
 from quant import PRESETS, CalibrationStats, find_dit, get_recipe, memory_report, quantize_
@@ -87,7 +88,7 @@ def cmd_check(args) -> None:
 def _meta_dit(args):
     """A DiT of the requested shape on the meta device: memory depends only on shapes and dtypes."""
     if args.sao_shape:
-        return sat.random_dit(sat.SAO_DIT, device="meta")
+        return sat.build_dit(sat.SAO_DIT, device="meta")
     with torch.device("meta"):
         return find_dit(sat.build_model(sat.read_config(args.model_config)))
 

@@ -28,6 +28,7 @@ from lab.resources import EMBEDDED_DIR
 
 SUPPORTED_MODEL_TYPES = ("diffusion_cond",)
 # Stable Audio Open 1.0's DiT (`model_config.json` of stabilityai/stable-audio-open-1.0): 1.057 B parameters.
+# The shape `ptq-quantize memory --sao-shape`, the benchmark and the tests measure at, without SAO's gated weights.
 SAO_DIT = dict(io_channels=64, embed_dim=1536, depth=24, num_heads=24, cond_token_dim=768, global_cond_dim=1536,
                project_cond_tokens=False, transformer_type="continuous_transformer")
 
@@ -424,34 +425,10 @@ def decoder(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return to_audio
 
 
-def random_dit(shape: dict, *, device: str = "cpu", seed: int = 0) -> torch.nn.Module:
-    """A SAT DiffusionTransformer of `shape` with every Linear/Conv drawn N(0, 0.02), for speed and memory at a
-    given shape (SAT zero-inits the residual outputs, which would leave every block's branch dead)."""
+def build_dit(shape: dict, *, device: str = "cpu") -> torch.nn.Module:
+    """SAT's DiffusionTransformer of `shape` (e.g. SAO_DIT) as SAT initialises it, on `device` ("meta": shapes
+    and dtypes only, no memory: what a memory report needs)."""
     from stable_audio_tools.models.dit import DiffusionTransformer
 
-    torch.manual_seed(seed)
     with torch.device(device):
-        dit = DiffusionTransformer(**shape)
-    if device != "meta":
-        randomize_weights(dit)
-    return dit.eval().requires_grad_(False)
-
-
-def make_live(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Re-initialise every Linear and Conv1d with PyTorch's default (Kaiming-uniform) init from `seed`, leaving
-    the global RNG as it was: SAT zero-initialises each block's output projections and the DiT's pre/post convs,
-    so a freshly built model has dead residual branches (and a random SAO outputs zeros)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        for module in model.modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)):
-                module.reset_parameters()
-    return model
-
-
-def randomize_weights(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
-    """Draw every Linear and Conv1d weight N(0, std) from the global RNG: a random model whose branches are live."""
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)):
-            torch.nn.init.normal_(module.weight, std=std)
-    return model
+        return DiffusionTransformer(**shape).eval().requires_grad_(False)

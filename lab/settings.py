@@ -36,7 +36,7 @@ class Settings:
     cache_dir: Path = ROOT / "runs" / "cache"  # LAB_CACHE_DIR: calibration statistics and quantized models
     output_dir: Path = ROOT / "outputs"  # LAB_OUTPUT_DIR: the Compare tab's WAV files
     calibration_prompts: Path = CALIBRATION_PROMPTS  # LAB_CALIBRATION_PROMPTS: one prompt per line
-    # Calibration size; unset = the model's plan (lab.quantized.CalibrationPlan.default)
+    # Calibration size; unset = the model's plan (lab.calibration.CalibrationPlan.default)
     calibration_count: int | None = None  # LAB_CALIBRATION_COUNT: prompts, spread over the file
     calibration_steps: int | None = None  # LAB_CALIBRATION_STEPS: sampler steps per prompt
     calibration_seconds: float | None = None  # LAB_CALIBRATION_SECONDS: audio length per prompt

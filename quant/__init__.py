@@ -8,6 +8,7 @@
 Imports only torch, safetensors and tqdm: the stable-audio-tools side (loading, sampling, the CLI) is `lab`.
 """
 from .api import load, quantization_targets, quantize_, quantized_layers, read_recipe, save
+from .kernels import CpuProfile, cpu_profile, set_cpu_profile, using_cpu_profile
 from .linear import QuantLinear
 from .lowrank import LowRankBranch
 from .memory import MemoryReport, memory_report
@@ -17,7 +18,8 @@ from .recipes import ACTIVATION_METHODS, DEFAULT_SKIP, PRESETS, Recipe, get_reci
 from .timestep import TimestepTracker
 
 __all__ = [
-    "ACTIVATION_METHODS", "CalibrationStats", "DEFAULT_SKIP", "LowRankBranch", "MemoryReport", "PRESETS", "QuantLinear", "Recipe",
-    "TimestepTracker", "calibrate", "find_dit", "get_recipe", "linear_layers", "load", "memory_report",
-    "quantization_targets", "quantize_", "preset_name", "quantized_layers", "read_recipe", "save",
+    "ACTIVATION_METHODS", "CalibrationStats", "CpuProfile", "DEFAULT_SKIP", "LowRankBranch", "MemoryReport", "PRESETS",
+    "QuantLinear", "Recipe", "TimestepTracker", "calibrate", "cpu_profile", "find_dit", "get_recipe", "linear_layers",
+    "load", "memory_report", "quantization_targets", "quantize_", "preset_name", "quantized_layers", "read_recipe",
+    "save", "set_cpu_profile", "using_cpu_profile",
 ]

@@ -1,7 +1,7 @@
 """Integer matmul kernels and the activation quantizers around them: every integer kernel choice lives here.
 
 Three exact int8 x int8 paths, picked per device by `choose_kernel`:
-  "onednn"    x86 CPUs with VNNI or AMX where torch ships the oneDNN int8 linear ops:
+  "onednn"    CPU profiles with VNNI (or AMX) where torch ships the oneDNN int8 linear ops:
               `onednn.qlinear_prepack` blocks the weight once (a resident copy, see `PreparedWeight`),
               `onednn.qlinear_pointwise` multiplies uint8 activations (codes + 128, zero point 128) by it and
               applies the per-output-channel weight scales (and, for static recipes, the scalar activation
@@ -20,23 +20,36 @@ Weight-only layers (W8A16, W4A16) multiply float activations by the stored integ
 picked by `choose_weight_only_kernel` (QUANT_WEIGHT_ONLY_KERNEL=auto|resident|packed|dequant):
   "resident"  the weight dequantized once to the compute dtype and kept (a float copy counted as cache),
               multiplied by `F.linear`: the float path's own matmul, so not slower than it (oneDNN's
-              prepacked float linear was measured too, and was not reliably faster). auto's choice on CPUs
-              without native bf16 (measured at SAO's shapes on an AVX512-VNNI Xeon without AVX512-BF16:
+              prepacked float linear was measured too, and was not reliably faster). auto's choice on CPU
+              profiles without native bf16 (measured at SAO's shapes on an AVX512-VNNI Xeon without AVX512-BF16:
               "packed" ran ~2x slower than fp32 with bf16 activations and ~50x slower with fp32 ones) and
               on CUDA.
   "packed"    torch's weight-only kernels with bf16 activations: `_weight_int8pack_mm` (int8 codes and
               per-channel scales as stored) and `_weight_int4pack_mm_for_cpu` (codes repacked once by
               `_convert_weight_to_int4pack_for_cpu`; needs out_features % 16 == 0 and a scale group of
-              32-256 input channels, else the layer uses "resident"). On CPUs with native bf16 (AVX512-BF16
-              or AMX) auto times it against "resident" once per process and keeps the faster.
+              32-256 input channels, else the layer uses "resident"). On CPU profiles with native bf16
+              (AVX512-BF16 or AMX) auto times it against "resident" once per process and keeps the faster.
   "dequant"   nothing kept: every call dequantizes the stored codes (least memory, slowest).
 Weight-only layers compute in bf16 where the device has native bf16 (the "A16" of W8A16), else in the
 input's dtype; the result is cast back to the input's dtype.
+
+CPU profile: every choice above that depends on the processor asks `cpu_profile()` and nothing else (so do
+the low-rank branch's dtype and the demo model's training autocast). It is the detected CPU, or a named
+profile (PROFILES) forced by `set_cpu_profile` / `using_cpu_profile` or by QUANT_CPU_PROFILE=auto|generic|
+vnni|vnni-bf16|amx (the function wins over the variable; both are read at every forward), so that tests and
+users can run as on another kind of CPU. A profile claiming a feature the CPU lacks still computes correctly:
+oneDNN and torch dispatch on the real CPU, so it only runs slower (emulated bf16, oneDNN's plain int8
+kernels). A profile fixes the int8 kernel, the dtype weight-only and bf16 low-rank layers compute in, and the
+weight-only paths auto may pick (`weight_only_candidates`). Where two remain (native bf16), which is faster
+depends on the CPU model rather than its features, so auto measures it once per process (tests assert the
+choice is a candidate, and test each path forced).
 """
+import contextlib
 import functools
 import os
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +63,84 @@ WEIGHT_ONLY_CHOICES = ("auto", "resident", "packed", "dequant")
 _INT4PACK_GROUPS = (256, 128, 64, 32)  # the scale group sizes `_weight_int4pack_mm_for_cpu` accepts
 _U8_ZERO_POINT = 128  # oneDNN's fast x86 int8 kernels want unsigned activations: codes + 128
 _forced: str | None = None
+PROFILE_ENV = "QUANT_CPU_PROFILE"
+PROFILES = {  # name -> (vnni, native_bf16, amx), the processor kinds the kernels were measured on
+    "generic": (False, False, False),  # no int8 dot product (older x86, other architectures)
+    "vnni": (True, False, False),  # e.g. Intel Xeon Cascade Lake / Ice Lake: AVX512-VNNI, bf16 emulated
+    "vnni-bf16": (True, True, False),  # e.g. AMD EPYC Zen 4: AVX512-VNNI and AVX512-BF16
+    "amx": (True, True, True),  # Intel Xeon Sapphire Rapids and later: AMX int8/bf16 tiles (and VNNI)
+}
+PROFILE_CHOICES = ("auto", *PROFILES)
+_forced_profile: str | None = None
+
+
+# ---- processor profile -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CpuProfile:
+    """The CPU features the kernel choices depend on. source: "detected", or what forced a named profile
+    (`set_cpu_profile` or the QUANT_CPU_PROFILE variable)."""
+    name: str
+    vnni: bool  # int8 dot products (VNNI, or AMX which has them too): oneDNN's int8 kernels are fast
+    native_bf16: bool  # bf16 matmuls in hardware (AVX512-BF16 or AMX); emulated ones run ~4x slower than fp32
+    amx: bool
+    source: str = "detected"
+
+    @property
+    def forced(self) -> bool:
+        return self.source != "detected"
+
+    def describe(self) -> str:
+        """For reports: "vnni-bf16, detected" or "amx, forced by QUANT_CPU_PROFILE (this CPU: vnni-bf16)"."""
+        if not self.forced:
+            return f"{self.name}, detected"
+        return f"{self.name}, forced by {self.source} (this CPU: {detected_cpu_profile().name})"
+
+    def features(self) -> str:
+        """For reports: "VNNI yes, native bf16 yes, AMX no"."""
+        def yes(flag):
+            return "yes" if flag else "no"
+        return f"VNNI {yes(self.vnni)}, native bf16 {yes(self.native_bf16)}, AMX {yes(self.amx)}"
+
+
+@functools.cache
+def detected_cpu_profile() -> CpuProfile:
+    """This CPU's profile, from torch's own feature checks (the ones its kernels dispatch on)."""
+    amx = _cpu_has("_is_amx_tile_supported")
+    flags = (_cpu_has("_is_vnni_supported") or amx, _cpu_has("_is_avx512_bf16_supported") or amx, amx)
+    name = next((name for name, named_flags in PROFILES.items() if named_flags == flags), "bf16 without VNNI")
+    return CpuProfile(name, *flags)
+
+
+def set_cpu_profile(name: str | None) -> None:
+    """Force a CPU profile (one of PROFILE_CHOICES); None hands the choice back to QUANT_CPU_PROFILE."""
+    global _forced_profile
+    if name is not None and name not in PROFILE_CHOICES:
+        raise ValueError(f"CPU profile must be one of {PROFILE_CHOICES}, got {name!r}")
+    _forced_profile = name
+
+
+@contextlib.contextmanager
+def using_cpu_profile(name: str | None):
+    """Run a block under CPU profile `name` (None: the variable's), then restore what was forced before."""
+    previous = _forced_profile
+    set_cpu_profile(name)
+    try:
+        yield cpu_profile()
+    finally:
+        set_cpu_profile(previous)
+
+
+def cpu_profile() -> CpuProfile:
+    """The CPU profile in force: set_cpu_profile's, else QUANT_CPU_PROFILE's, else ("auto") the detected one."""
+    name, source = _forced_profile, "set_cpu_profile"
+    if name is None:
+        name, source = os.environ.get(PROFILE_ENV, "auto").strip().lower() or "auto", PROFILE_ENV
+        if name not in PROFILE_CHOICES:
+            raise ValueError(f"{PROFILE_ENV}={name!r}: must be one of {', '.join(PROFILE_CHOICES)}")
+    if name == "auto":
+        return detected_cpu_profile()
+    return CpuProfile(name, *PROFILES[name], source=source)
 
 
 # ---- kernel choice ---------------------------------------------------------------------------
@@ -68,17 +159,17 @@ def _cpu_has(check_name: str) -> bool:
 
 
 def onednn_fast() -> bool:
-    """True when oneDNN has a fast int8 kernel here: the ops exist and the CPU has VNNI or AMX int8."""
-    return onednn_available() and (_cpu_has("_is_vnni_supported") or _cpu_has("_is_amx_tile_supported"))
+    """True when oneDNN has a fast int8 kernel here: the ops exist and the CPU profile has VNNI (or AMX)."""
+    return onednn_available() and cpu_profile().vnni
 
 
 def native_bf16(device: torch.device | str = "cpu") -> bool:
-    """True when bf16 matmuls run natively on `device`: CUDA with bf16, or a CPU with AVX512-BF16 or AMX.
+    """True when bf16 matmuls run natively on `device`: CUDA with bf16, or a CPU profile with native bf16.
     Without it a CPU emulates bf16 (~4x slower than fp32 on the Xeons measured)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return _cpu_has("_is_avx512_bf16_supported") or _cpu_has("_is_amx_tile_supported")
+    return cpu_profile().native_bf16
 
 
 def set_kernel(name: str | None) -> None:
@@ -102,7 +193,7 @@ def requested_kernel() -> str:
 def choose_kernel(device: torch.device | str = "cpu") -> str:
     """The int8 kernel used on `device`: "cuda" on CUDA devices; on CPU "onednn" or "int_mm".
 
-    auto: "onednn" where its ops exist and the CPU has VNNI/AMX (measured fastest there), else "int_mm".
+    auto: "onednn" where its ops exist and the CPU profile has VNNI (measured fastest there), else "int_mm".
     Forcing "onednn" where the ops are missing raises; forcing it on a CPU without VNNI/AMX is allowed
     (correct, slow: for tests)."""
     device = torch.device(device)
@@ -127,8 +218,8 @@ def kernel_name(device: torch.device | str = "cpu") -> str:
     how = "auto" if requested_kernel() == "auto" else "forced"
     detail = {"onednn": "oneDNN qlinear, prepacked weights, uint8 activations",
               "int_mm": "torch._int_mm"}[name]
-    return f"{name} ({detail}; {how}; oneDNN ops {'present' if onednn_available() else 'absent'}, " \
-           f"VNNI/AMX {'yes' if onednn_fast() else 'no'})"
+    return f"{name} ({detail}; {how}; oneDNN ops {'present' if onednn_available() else 'absent'}; " \
+           f"CPU profile {cpu_profile().describe()})"
 
 
 def requested_weight_only_kernel() -> str:
@@ -139,16 +230,23 @@ def requested_weight_only_kernel() -> str:
     return name
 
 
-def choose_weight_only_kernel(device: torch.device | str = "cpu", w_bits: int = 8) -> str:
-    """The weight-only path on `device`: "resident" on CUDA; on CPU the requested one, and for auto "resident"
-    without native bf16, else the faster of "resident" and "packed" measured once (`_timed_weight_only`)."""
+def weight_only_candidates(device: torch.device | str = "cpu") -> tuple[str, ...]:
+    """The paths auto may pick on `device`: "resident" alone on CUDA and without native bf16 (torch's packed
+    kernels take bf16 activations: emulated, they ran ~2x slower than fp32); with native bf16 "resident" and
+    "packed" (which one is faster depends on the CPU model, not on its features)."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return "resident"
+    return ("resident", "packed") if device.type != "cuda" and native_bf16(device) else ("resident",)
+
+
+def choose_weight_only_kernel(device: torch.device | str = "cpu", w_bits: int = 8) -> str:
+    """The weight-only path on `device`: on CPU the requested one; for auto (and always on CUDA) the only
+    candidate, or of two the faster measured once per process (`_timed_weight_only`)."""
+    device = torch.device(device)
     name = requested_weight_only_kernel()
-    if name != "auto":
+    if name != "auto" and device.type != "cuda":
         return name
-    return _timed_weight_only(w_bits) if native_bf16(device) else "resident"
+    candidates = weight_only_candidates(device)
+    return candidates[0] if len(candidates) == 1 else _timed_weight_only(w_bits)
 
 
 def weight_only_dtype(kernel: str, device: torch.device | str, x_dtype: torch.dtype) -> torch.dtype:
@@ -166,7 +264,9 @@ def weight_only_kernel_name(device: torch.device | str = "cpu") -> str:
     how = "auto" if device.type == "cuda" or requested_weight_only_kernel() == "auto" else "forced"
     dtype = str(weight_only_dtype(paths[8], device, torch.float32)).removeprefix("torch.")
     shown = paths[8] if paths[8] == paths[4] else f"W8A16 {paths[8]}, W4A16 {paths[4]}"
-    return f"{shown} ({how}; float32 inputs computed in {dtype}; native bf16 {'yes' if native_bf16(device) else 'no'})"
+    where = f"native bf16 {'yes' if native_bf16(device) else 'no'}" if device.type == "cuda" else \
+        f"CPU profile {cpu_profile().describe()}"
+    return f"{shown} ({how}; float32 inputs computed in {dtype}; {where})"
 
 
 @functools.cache

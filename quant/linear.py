@@ -18,14 +18,14 @@ before it is quantized: R(x / s) (quant/rotation.py; nothing stored, R follows f
 Backends:
   "simulated": activations and weights quantized-dequantized, float matmul: the reference semantics.
   "integer": activations quantized to int8 codes, int8 x int8 -> int32 matmul with the kernel
-             `kernels.choose_kernel` picks for the device (oneDNN prepacked on x86 CPUs with VNNI/AMX,
-             `torch._int_mm` otherwise), one float rescale. The weight copy in use is prepared for the
-             kernel on first forward and kept (derived state, never in the state dict, counted as "cache"
-             by `held_bytes`): oneDNN's blocked copy, or for int4 the unpacked int8 codes, so W4A8 runs
-             at W8A8's speed while the stored weight stays 4-bit. Weight-only recipes take the path
-             `kernels.choose_weight_only_kernel` picks (a resident dequantized copy where no packed
-             weight-only kernel is faster, see quant/kernels.py). Per-group weight scales only with
-             weight-only recipes.
+             `kernels.choose_kernel` picks for the device (oneDNN prepacked where the CPU profile,
+             `kernels.cpu_profile`, has VNNI, `torch._int_mm` otherwise), one float rescale. The weight
+             copy in use is prepared for the kernel on first forward and kept (derived state, never in the
+             state dict, counted as "cache" by `held_bytes`): oneDNN's blocked copy, or for int4 the
+             unpacked int8 codes, so W4A8 runs at W8A8's speed while the stored weight stays 4-bit.
+             Weight-only recipes take the path `kernels.choose_weight_only_kernel` picks (a resident
+             dequantized copy where no packed weight-only kernel is faster, see quant/kernels.py).
+             Per-group weight scales only with weight-only recipes.
 Smoothing divides x by s at run time (fused into the activation quantizer's input); the branch sees the
 smoothed (and rotated), unquantized activation, matching the residual it was fitted on.
 """

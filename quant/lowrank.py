@@ -13,7 +13,8 @@ from .kernels import native_bf16
 
 class LowRankBranch(nn.Module):
     """x (..., in) -> (x @ A) @ B (..., out), computed in the branch's stored dtype where the device runs it
-    natively; a bf16 branch on a CPU without native bf16 (emulated: ~3x slower than fp32) computes in fp32."""
+    natively; a bf16 branch on a CPU without native bf16 (emulated: ~3x slower than fp32) computes in fp32
+    (`compute_dtype`)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, dtype=torch.float32):
         super().__init__()
@@ -24,10 +25,15 @@ class LowRankBranch(nn.Module):
     def rank(self) -> int:
         return self.A.shape[1]
 
+    def compute_dtype(self, device: torch.device | str = "cpu") -> torch.dtype:
+        """The dtype the branch multiplies in on `device`: its stored dtype, except bf16 without native bf16
+        (the CPU profile's answer, `quant.kernels.native_bf16`), which computes in float32."""
+        if self.A.dtype == torch.bfloat16 and not native_bf16(device):
+            return torch.float32
+        return self.A.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.A.dtype
-        if dtype == torch.bfloat16 and not native_bf16(x.device):
-            dtype = torch.float32
+        dtype = self.compute_dtype(x.device)
         return ((x.to(dtype) @ self.A.to(dtype)) @ self.B.to(dtype)).to(x.dtype)
 
     def weight(self) -> torch.Tensor:

@@ -5,7 +5,7 @@ shrinks (prompts x steps x clip length), against full precision from the same no
 
 Evaluation as in the benchmark's fidelity section (bench.fidelity): its 6 prompts at the model's own sampler
 settings and seed, audio SNR in dB (mean over the prompts). Each size calibrates with
-`lab.quantized.CalibrationPlan.default` (prompts spread over assets/calibration_prompts.txt, batches of 4).
+`lab.calibration.CalibrationPlan.default` (prompts spread over assets/calibration_prompts.txt, batches of 4).
 """
 import argparse
 import json
@@ -13,18 +13,11 @@ import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as app.py does
-
-from bench.config import EVAL_SEED  # noqa: E402
-from bench.fidelity import build_variant, compare, fidelity_prompts  # noqa: E402
-from bench.sampling import generate_batch  # noqa: E402
-from lab import sat  # noqa: E402
-from lab.quantized import CalibrationPlan  # noqa: E402
-from lab.resources import CALIBRATION_PROMPTS, ROOT, read_prompts  # noqa: E402
+from lab.resources import CALIBRATION_PROMPTS, ROOT, read_prompts
 
 RECIPES = ("w8a8-static", "w8a8-smoothquant", "w8a8-sqd")
 # (prompts, steps, seconds): the old app default first (every prompt, the demo model's whole 2.048 s clip), the
-# present default (lab.quantized: 4 prompts x 25 steps, 64 DiT tokens = 1.024 s) last
+# present default (lab.calibration: 4 prompts x 25 steps, 64 DiT tokens = 1.024 s) last
 SIZES = ((24, 25, 2.048), (8, 25, 2.048), (4, 25, 2.048), (4, 12, 2.048), (4, 8, 2.048), (2, 25, 2.048),
          (4, 25, 1.024))
 
@@ -33,6 +26,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "calibration-size.json")
     args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # OpenMP reads it when torch loads, just below
+    from bench.config import EVAL_SEED
+    from bench.fidelity import build_variant, compare, fidelity_prompts
+    from bench.sampling import generate_batch
+    from lab import sat
+    from lab.calibration import CalibrationPlan
 
     loaded = sat.load_model()
     prompts = fidelity_prompts(1)

@@ -6,7 +6,7 @@ SAO 1.0's model_config.json (stabilityai/stable-audio-open-1.0; stable-audio-too
 change: the T5 prompt conditioner (t5-base, a download) becomes SAT's offline `lut` conditioner at T5's width and
 length (768 dims, 128 tokens) on the demo model's word tokenizer, so the DiT sees SAO's cross-attention shape.
 Built by `create_model_from_config` (`lab.sat.build_model`), every Linear/Conv1d re-initialised live
-(`lab.sat.make_live`): 1.21 B parameters, 4.5 GiB in fp32. Writes model_config.json, model.safetensors and
+(`bench.random_models.make_live`): 1.21 B parameters, 4.5 GiB in fp32. Writes model_config.json, model.safetensors and
 tokenizer/ into the folder; loads with `--model-config FOLDER/model_config.json --ckpt-path FOLDER/model.safetensors`.
 """
 import argparse
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from bench.random_models import make_live
 from lab import sat
 from lab.resources import EMBEDDED_DIR
 
@@ -78,7 +79,7 @@ def write_random_sao(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
     shutil.copytree(EMBEDDED_DIR / "tokenizer", folder / "tokenizer", dirs_exist_ok=True)
     config_path, ckpt_path = folder / "model_config.json", folder / "model.safetensors"
     config_path.write_text(json.dumps(random_sao_config(), indent=1))
-    model = sat.make_live(sat.build_model(sat.read_config(config_path)), seed)
+    model = make_live(sat.build_model(sat.read_config(config_path)), seed)
     save_file(model.state_dict(), str(ckpt_path))
     return config_path, ckpt_path
 

@@ -148,7 +148,8 @@ def identity_step(config: Path, checkpoint: Path, quantized: Path, stats: Path, 
 
     import quant
     from lab import sat
-    from lab.quantized import QuantizedModels, load_quantized, save_quantized
+    from lab.quantized import QuantizedModels
+    from lab.quantized_files import load_quantized, save_quantized
 
     loaded = sat.load_model(model_config=config, ckpt_path=checkpoint)
 

@@ -1,7 +1,7 @@
 """Tiny random stable-audio-tools models for tests: real SAT classes, every branch live.
 
 SAT zero-initialises the transformer blocks' output projections and the pre/post 1x1 convs, so a
-freshly built DiT has dead residual branches; `lab.sat.make_live` re-initialises every Linear and Conv with
+freshly built DiT has dead residual branches; `bench.random_models.make_live` re-initialises every Linear and Conv with
 PyTorch's default (Kaiming-uniform) init so quantization errors actually show.
 
     model = tiny_diffusion_cond()                # SAT ConditionedDiffusionModelWrapper, no pretransform
@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from lab.sat import make_live
+from bench.random_models import make_live
 
 TINY_DIT = dict(
     io_channels=8,

@@ -1,12 +1,14 @@
 """Command line for listening studies.
 
     python -m lab.study build DEFINITION.json [--model OWNER/NAME | --model-config M.json --ckpt-path M.safetensors]
-                                              [--root runs/studies] [--cache-dir DIR] [--device auto]
+                                              [--root runs/studies] [--cache-dir DIR] [--device auto] [--yes]
     torchrun --nproc-per-node 2 -m lab.study build DEFINITION.json ...     (items split over the processes)
     python -m lab.study analyse STUDY_DIR [--csv STUDY_DIR/ratings.csv] [--out STUDY_DIR/analysis]
     python -m lab.study show STUDY_DIR
 
-A build that stops (Ctrl-C, crash, preemption) resumes where it stopped when run again with the same command.
+A build says what it will cost (clips, time on this machine, disk) before it starts; one estimated over 30 min
+starts only with --yes. A build that stops (Ctrl-C, crash, preemption) resumes where it stopped when run again
+with the same command.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def cmd_build(args) -> None:
     from lab import sat
     from lab.quantized import QuantizedModels
     from lab.resources import read_prompts
-    from lab.study.build import build_study
+    from lab.study.build import build_study, estimate_build
     from lab.study.definition import StudyDefinition
 
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -38,6 +40,10 @@ def cmd_build(args) -> None:
                              calibration_prompts=read_prompts(args.calibration_prompts or settings.calibration_prompts),
                              calibration_steps=args.calibration_steps or settings.calibration_steps,
                              max_models=args.max_models or len(definition.conditions))
+    estimate = estimate_build(definition, loaded, models)
+    if rank == 0:
+        print(f"{definition.study_id}: {estimate.describe()}", file=sys.stderr)
+    estimate.check_confirmed(args.yes, "add --yes")
     manifest = build_study(definition, loaded, models, args.root, rank=rank, world_size=world_size,
                            progress=not args.no_progress)
     if rank == 0:
@@ -45,7 +51,7 @@ def cmd_build(args) -> None:
 
 
 def cmd_analyse(args) -> None:
-    from lab.study.analysis import analyse
+    from lab.study import analyse
 
     study_dir = Path(args.study_dir)
     report = analyse(args.csv or study_dir / "ratings.csv", args.out or study_dir / "analysis")
@@ -107,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "so none is rebuilt per item; lower it when memory is short)")
     b.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda:$LOCAL_RANK when available)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--yes", action="store_true", help="build even when the estimate is over 30 minutes")
     b.set_defaults(func=cmd_build)
 
     a = sub.add_parser("analyse", help="post-screening, means, intervals and tests from the ratings")

@@ -1,11 +1,15 @@
 """From the ratings CSV to the numbers a paper reports: per-condition means with 95 % Student-t intervals,
 per-item scores, post-screening, and Wilcoxon signed-rank tests against the reference, Holm-corrected.
+Rendering (plot, Markdown, files) is lab.study.report's; this module only computes.
 
 Why these choices:
 - Student's t, not the normal approximation: listening tests have few ratings per condition;
-- raters who fail any attention check are dropped entirely (they were not listening), and MUSHRA raters
-  who rate the hidden reference below 90 in more than 15 % of their trials are dropped (ITU-R BS.1534-3
-  post-screening): both are reported with the reason, never silently;
+- raters are excluded whole, always with the reason, never silently, when they: fail any attention check
+  (they were not listening); fail any gold page (GOLD_MARGINS: the low-pass anchor not rated clearly below
+  the reference); fail the headphone check (lab.study.headphones); rate the MUSHRA hidden reference below 90
+  in more than 15 % of their pages (ITU-R BS.1534-3 post-screening); or did not finish (an abandoned design
+  slot goes to another rater, whose ratings keep the Latin square balanced: counting both would unbalance it,
+  so analyse a closed study, or read the in-progress raters' exclusions as such);
 - Wilcoxon on paired differences, because scores are ordinal and raters differ in how they use the scale.
   MUSHRA pairs a condition with the hidden reference on the same page (rater, item); AB scores already are
   differences against the reference (one-sample test against 0); ACR raters hear each item in one
@@ -17,18 +21,24 @@ from __future__ import annotations
 
 import csv
 import math
-from collections import defaultdict
+import statistics
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from scipy import stats
 
 from lab.study.definition import ANCHOR, HIDDEN_REFERENCE, REFERENCE
+from lab.study.manifest import RATERS_FILE
+from lab.study.raters import QUESTIONNAIRE, read_records_file
+from lab.study.schema import ANALYSED, ATTENTION, GOLD, NUMBERS, REGULAR
 
 HIDDEN_REFERENCE_THRESHOLD = 90.0  # BS.1534-3: a hidden reference below this counts against the rater
 HIDDEN_REFERENCE_MAX_SHARE = 0.15  # ... in more than this share of the rater's trials: excluded
 CONFIDENCE = 0.95
+# Gold pages: the anchor must score at least this much below the reference on the same item (MUSHRA: the
+# hidden reference; AB: the anchor row is the answer against the reference, so 2 means "slightly worse" or less).
+GOLD_MARGINS = {"mushra": 20.0, "acr": 1.0, "ab": 2.0}
 
 
 @dataclass(frozen=True)
@@ -58,18 +68,27 @@ class Exclusion:
 
 
 @dataclass(frozen=True)
-class Report:
+class Listening:
+    """How the analysed pages were listened to (medians over pages; per clip for plays and streams)."""
+    pages: int
+    time_on_page_s: float | None
+    listening_s: float | None  # the clips' playing time per page
+    plays_per_clip: float | None  # as the pages reported them
+    streams_per_clip: float | None  # as the server counted them
+
+
+@dataclass(frozen=True)
+class Results:
     study_id: str
     test_type: str
     raters: int  # raters with any rating
     kept: tuple[str, ...]  # rater ids whose ratings were analysed
     exclusions: tuple[Exclusion, ...]
-    conditions: tuple[ConditionResult, ...]
+    conditions: tuple[ConditionResult, ...]  # empty when every rater was excluded
     items: tuple[ItemResult, ...]
-    markdown: str
-    report_path: Path
-    plot_path: Path
-    figure: Any = None  # the plotly figure written to plot_path
+    listening: Listening
+    questionnaire: dict[str, dict[str, int]]  # question -> answer -> raters (with ratings), "not answered" too
+    analysed_rows: tuple[dict, ...]  # the regular pages of the kept raters
 
     def condition(self, name: str) -> ConditionResult:
         return next(result for result in self.conditions if result.condition == name)
@@ -107,9 +126,7 @@ def read_rows(csv_path: str | Path) -> list[dict]:
         rows = list(csv.DictReader(handle))
     if not rows:
         raise ValueError(f"{path} holds no ratings yet.")
-    needed = {"rater_id", "trial_id", "test_type", "item", "condition", "score", "attention_target",
-              "attention_passed"}
-    missing = needed - set(rows[0])
+    missing = set(ANALYSED) - set(rows[0])
     if missing:
         raise ValueError(f"{path} is not a study ratings file (missing columns: {', '.join(sorted(missing))}).")
     for line, row in enumerate(rows, start=2):
@@ -118,35 +135,81 @@ def read_rows(csv_path: str | Path) -> list[dict]:
         except (TypeError, ValueError):
             raise ValueError(f"{path} line {line}: score {row['score']!r} / item {row['item']!r} are not numbers "
                              "(was the file edited by hand?).") from None
+        row.setdefault("check", REGULAR)
+        for column in NUMBERS[1:]:
+            row[column] = float(row[column]) if row.get(column) not in (None, "") else None
     return rows
 
 
-def screen(rows: list[dict], test_type: str) -> tuple[Exclusion, ...]:
-    """Raters to exclude: any failed attention check; for MUSHRA, BS.1534 hidden-reference post-screening."""
-    checks, failed = defaultdict(set), defaultdict(set)
-    hidden: dict[str, dict[str, float]] = defaultdict(dict)  # rater -> trial -> hidden reference score
+def screen(rows: list[dict], test_type: str, records: dict[str, dict] | None = None) -> tuple[Exclusion, ...]:
+    """Raters to exclude, each with every reason (see the module docstring); `records` from raters.json."""
+    records = records or {}
+    pages: dict[str, set] = defaultdict(set)
     for row in rows:
-        rater = row["rater_id"]
-        if row["attention_target"] != "":
-            checks[rater].add(row["trial_id"])
-            if row["attention_passed"] != "true":
-                failed[rater].add(row["trial_id"])
-        elif row["condition"] == HIDDEN_REFERENCE:
-            hidden[rater][row["trial_id"]] = row["score"]
+        pages[row["rater_id"]].add(row["trial_id"])
+    found = [_attention_failures(rows), _gold_failures(rows, test_type)]
+    if test_type == "mushra":
+        found.append(_hidden_reference_failures(rows))
     exclusions = []
-    for rater in sorted({row["rater_id"] for row in rows}):
-        reasons = []
-        if failed[rater]:
-            reasons.append(f"failed {len(failed[rater])} of {len(checks[rater])} attention checks")
-        if test_type == "mushra" and hidden[rater]:
-            low = sum(score < HIDDEN_REFERENCE_THRESHOLD for score in hidden[rater].values())
-            share = low / len(hidden[rater])
-            if share > HIDDEN_REFERENCE_MAX_SHARE:
-                reasons.append(f"rated the hidden reference below {HIDDEN_REFERENCE_THRESHOLD:g} in {low} of "
-                               f"{len(hidden[rater])} trials ({share:.0%} > {HIDDEN_REFERENCE_MAX_SHARE:.0%})")
+    for rater in sorted(pages):
+        reasons = [reasons[rater] for reasons in found if rater in reasons]
+        record = records.get(rater)
+        if record and (record.get("headphone_check") or {}).get("passed") is False:
+            check = record["headphone_check"]
+            reasons.append(f"failed the headphone check ({check['correct']} of {check['total']} right)")
+        if record and record.get("finished_at") is None:
+            reasons.append(f"did not finish ({len(pages[rater])} pages rated)")
         if reasons:
             exclusions.append(Exclusion(rater, tuple(reasons)))
     return tuple(exclusions)
+
+
+def _attention_failures(rows: list[dict]) -> dict[str, str]:
+    checks, failed = defaultdict(set), defaultdict(set)
+    for row in rows:
+        if row["check"] == ATTENTION:
+            checks[row["rater_id"]].add(row["trial_id"])
+            if row["attention_passed"] != "true":
+                failed[row["rater_id"]].add(row["trial_id"])
+    return {rater: f"failed {len(failed[rater])} of {len(checks[rater])} attention checks" for rater in failed}
+
+
+def gold_passed(scores: dict[str, float], test_type: str) -> bool | None:
+    """Whether one gold check (condition -> score on one item) rates the anchor clearly below the reference;
+    None when the pages of the check are not all rated."""
+    reference = scores.get(HIDDEN_REFERENCE if test_type == "mushra" else REFERENCE)
+    if reference is None or ANCHOR not in scores:
+        return None
+    return scores[ANCHOR] <= reference - GOLD_MARGINS[test_type]
+
+
+def _gold_failures(rows: list[dict], test_type: str) -> dict[str, str]:
+    checks: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)  # (rater, item) -> condition -> score
+    for row in rows:
+        if row["check"] == GOLD:
+            checks[row["rater_id"], row["item"]][row["condition"]] = row["score"]
+    outcomes: dict[str, list[bool]] = defaultdict(list)
+    for (rater, _), scores in checks.items():
+        passed = gold_passed(scores, test_type)
+        if passed is not None:
+            outcomes[rater].append(passed)
+    return {rater: f"rated the low-pass anchor not clearly below the reference on {results.count(False)} of "
+                   f"{len(results)} gold checks" for rater, results in outcomes.items() if not all(results)}
+
+
+def _hidden_reference_failures(rows: list[dict]) -> dict[str, str]:
+    hidden: dict[str, dict[str, float]] = defaultdict(dict)  # rater -> trial -> hidden reference score
+    for row in rows:
+        if row["check"] != ATTENTION and row["condition"] == HIDDEN_REFERENCE:
+            hidden[row["rater_id"]][row["trial_id"]] = row["score"]
+    failures = {}
+    for rater, scores in hidden.items():
+        low = sum(score < HIDDEN_REFERENCE_THRESHOLD for score in scores.values())
+        share = low / len(scores)
+        if share > HIDDEN_REFERENCE_MAX_SHARE:
+            failures[rater] = (f"rated the hidden reference below {HIDDEN_REFERENCE_THRESHOLD:g} in {low} of "
+                               f"{len(scores)} trials ({share:.0%} > {HIDDEN_REFERENCE_MAX_SHARE:.0%})")
+    return failures
 
 
 def condition_order(conditions) -> list[str]:
@@ -209,40 +272,65 @@ def per_item(rows: list[dict]) -> tuple[ItemResult, ...]:
                  for item in sorted(grouped))
 
 
-def screened(csv_path: str | Path) -> tuple[list[dict], str, tuple[Exclusion, ...], list[dict]]:
-    """(all rows, test type, exclusions, the rows analysed): excluded raters and attention-check pages out."""
+def screened(csv_path: str | Path, raters_path: str | Path | None = None
+             ) -> tuple[list[dict], str, tuple[Exclusion, ...], list[dict]]:
+    """(all rows, test type, exclusions, the rows analysed: kept raters' regular pages). The raters file
+    (default: raters.json beside the CSV, if any) adds the headphone and did-not-finish exclusions."""
+    return _screened(csv_path, _records(csv_path, raters_path))
+
+
+def _screened(csv_path: str | Path, records: dict[str, dict]
+              ) -> tuple[list[dict], str, tuple[Exclusion, ...], list[dict]]:
     rows = read_rows(csv_path)
     test_types = {row["test_type"] for row in rows}
     if len(test_types) != 1:
         raise ValueError(f"{csv_path} mixes test types {sorted(test_types)}: analyse one study at a time.")
     test_type = test_types.pop()
-    exclusions = screen(rows, test_type)
+    exclusions = screen(rows, test_type, records)
     excluded = {exclusion.rater_id for exclusion in exclusions}
-    kept_rows = [row for row in rows if row["rater_id"] not in excluded and row["attention_target"] == ""]
-    if not kept_rows:
-        raise ValueError("Every rater was excluded by post-screening: there is nothing left to analyse.")
+    kept_rows = [row for row in rows if row["rater_id"] not in excluded and row["check"] == REGULAR]
     return rows, test_type, exclusions, kept_rows
 
 
-def analyse(csv_path: str | Path, out_dir: str | Path) -> Report:
-    """Analyse a study's ratings CSV; writes `report.md` and `scores.html` into `out_dir`."""
-    rows, test_type, exclusions, kept_rows = screened(csv_path)
+def results(csv_path: str | Path, raters_path: str | Path | None = None) -> Results:
+    """Everything the report shows, computed from the ratings CSV (and the raters file)."""
+    records = _records(csv_path, raters_path)
+    rows, test_type, exclusions, kept_rows = _screened(csv_path, records)
     raters = sorted({row["rater_id"] for row in rows})
     excluded = {exclusion.rater_id for exclusion in exclusions}
-    conditions = summarise(kept_rows, test_type)
-    items = per_item([row for row in kept_rows if not (test_type == "ab" and row["condition"] == REFERENCE)])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    study_id = rows[0].get("study_id", "")
-    plot_path = out_dir / "scores.html"
-    from lab.study.report import scores_figure, to_markdown
+    shown = [row for row in kept_rows if not (test_type == "ab" and row["condition"] == REFERENCE)]
+    return Results(study_id=rows[0].get("study_id", ""), test_type=test_type, raters=len(raters),
+                   kept=tuple(r for r in raters if r not in excluded), exclusions=exclusions,
+                   conditions=summarise(kept_rows, test_type) if kept_rows else (), items=per_item(shown),
+                   listening=listening(kept_rows), questionnaire=questionnaire_counts(records, raters),
+                   analysed_rows=tuple(kept_rows))
 
-    figure = scores_figure(kept_rows, test_type, title=study_id)
-    figure.write_html(plot_path, include_plotlyjs="cdn")  # as the benchmark's chart: small files
-    report = Report(study_id=study_id, test_type=test_type, raters=len(raters),
-                    kept=tuple(r for r in raters if r not in excluded), exclusions=exclusions,
-                    conditions=conditions, items=items, markdown="", report_path=out_dir / "report.md",
-                    plot_path=plot_path, figure=figure)
-    markdown = to_markdown(report)
-    report.report_path.write_text(markdown, encoding="utf-8")
-    return Report(**{**report.__dict__, "markdown": markdown})
+
+def listening(rows: list[dict]) -> Listening:
+    """Medians of time on page and playing time per page, and of plays and streams per clip."""
+    pages = {(row["rater_id"], row["trial_id"]): row for row in rows}.values()
+
+    def median(values) -> float | None:
+        values = [value for value in values if value is not None]
+        return statistics.median(values) if values else None
+
+    return Listening(pages=len(pages), time_on_page_s=median(row["time_on_page_s"] for row in pages),
+                     listening_s=median(row["listening_s"] for row in pages),
+                     plays_per_clip=median(row["play_count"] for row in rows),
+                     streams_per_clip=median(row["stream_count"] for row in rows))
+
+
+def questionnaire_counts(records: dict[str, dict], raters: list[str]) -> dict[str, dict[str, int]]:
+    """question -> answer -> how many of `raters` gave it (empty without a raters file)."""
+    if not records:
+        return {}
+    answers = [records.get(rater, {}).get("questionnaire") or {} for rater in raters]
+    return {question: dict(Counter(given.get(question, "not answered") for given in answers))
+            for question in QUESTIONNAIRE}
+
+
+def _records(csv_path: str | Path, raters_path: str | Path | None) -> dict[str, dict]:
+    path = Path(raters_path) if raters_path else Path(csv_path).parent / RATERS_FILE
+    if raters_path and not path.is_file():
+        raise ValueError(f"No raters file at {path}.")
+    return read_records_file(path) if path.is_file() else {}

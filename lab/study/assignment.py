@@ -6,7 +6,17 @@ shows condition p mod C and item (p + floor(p / L)) mod n, L = lcm(n, C). So eve
 rated every condition equally often (within one), no rater hears an item twice, and every n*C slots cover
 each (item, condition) cell once. MUSHRA pages hold every condition, so only items rotate (item p mod n).
 
-Randomness (trial order, A/B sides, MUSHRA page order, attention checks) comes from an RNG seeded by
+The slot of a rater (lab.study.raters) is their arrival number, except that a slot released by a rater who
+abandoned goes to the next arrival, so the raters who finish fill a prefix of the slots.
+
+Check pages come on top of the design, at random positions: attention checks (an instructed answer) and gold
+pages, whose answer is known because the low-pass anchor must be rated clearly below the reference: MUSHRA a
+whole page of one item, AB the reference against the anchor, ACR two pages (the item's reference and its
+anchor). Gold pages use distinct items, preferably ones the rater does not rate on regular pages (hearing
+an item's anchor first would colour its regular rating); the analysis applies the rule
+(lab.study.analysis.GOLD_MARGINS).
+
+Randomness (trial order, A/B sides, MUSHRA page order, check pages) comes from an RNG seeded by
 HMAC(study secret, rater id): a reload gives the same list, and no two raters share an order by design.
 `Trial` keeps the conditions server-side; `rater_view` is all a browser may receive.
 """
@@ -14,13 +24,15 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from lab.study.blinding import opaque_id, rater_seed
-from lab.study.definition import REFERENCE, SCALES, Scale, StudyDefinition
+from lab.study.definition import ANCHOR, REFERENCE, SCALES, Scale, StudyDefinition
 from lab.study.manifest import Manifest
-from lab.study.raters import rater_number
+from lab.study.raters import Slots, slot_of
+from lab.study.schema import ATTENTION, GOLD, REGULAR
 
 REFERENCE_LABEL = "Reference"  # MUSHRA's open reference (heard, not rated)
 AB_ATTENTION_TARGETS = (-3, -2, -1, 1, 2, 3)
@@ -49,6 +61,7 @@ class Trial:
     stimuli: tuple[TrialStimulus, ...]
     instructions: str
     attention_target: int | None = None  # the answer an attention check asks for
+    check: str = REGULAR  # schema.REGULAR, ATTENTION or GOLD
 
     @property
     def rated(self) -> tuple[TrialStimulus, ...]:
@@ -56,7 +69,7 @@ class Trial:
 
     @property
     def is_attention_check(self) -> bool:
-        return self.attention_target is not None
+        return self.check == ATTENTION
 
     @property
     def scale(self) -> Scale:
@@ -76,9 +89,14 @@ class RaterView:
     scale: Scale
 
 
-def trials_for(manifest: Manifest, rater_id: str) -> list[Trial]:
-    """The rater's trials in presentation order; registers the rater (arrival number) on first call."""
-    return assign(manifest, rater_id, rater_number(manifest.study_dir, rater_id))
+def trials_for(manifest: Manifest, rater_id: str, *, now: float | None = None) -> list[Trial]:
+    """The trials of a registered rater in presentation order; RaterRefused when unknown or expired."""
+    slot = slot_of(manifest.study_dir, rater_id, slot_rules(manifest.definition), time.time() if now is None else now)
+    return assign(manifest, rater_id, slot)
+
+
+def slot_rules(definition: StudyDefinition) -> Slots:
+    return Slots(abandon_s=definition.abandon_minutes * 60, max_raters=definition.max_raters)
 
 
 def rater_view(trial: Trial) -> RaterView:
@@ -112,7 +130,7 @@ def design_slots(definition: StudyDefinition, number: int) -> list[tuple[int, in
 
 
 def assign(manifest: Manifest, rater_id: str, number: int) -> list[Trial]:
-    """The trials of rater `rater_id` with arrival number `number` (trials_for looks the number up)."""
+    """The trials of rater `rater_id` holding design slot `number` (trials_for looks the slot up)."""
     definition = manifest.definition
     secret = manifest.secret()
     rng = random.Random(rater_seed(secret, rater_id))
@@ -120,19 +138,39 @@ def assign(manifest: Manifest, rater_id: str, number: int) -> list[Trial]:
     rng.shuffle(slots)
     sides = [True] * (len(slots) - len(slots) // 2) + [False] * (len(slots) // 2)  # reference on A?
     rng.shuffle(sides)
-    pages = [(opaque_id(secret, "trial", rater_id, slot), item, _stimuli(manifest, item, condition, side, rng), None)
-             for (slot, item, condition), side in zip(slots, sides)]
+    pages = [(opaque_id(secret, "trial", rater_id, slot), item, _stimuli(manifest, item, condition, side, rng),
+              None, REGULAR) for (slot, item, condition), side in zip(slots, sides)]
     rotated = rotated_conditions(definition)
     for check in range(definition.attention_checks):
         item = rng.randrange(definition.n_items)
         condition = rng.choice(rotated) if rotated else None
         stimuli = _stimuli(manifest, item, condition, rng.random() < 0.5, rng)
-        page = (opaque_id(secret, "attention", rater_id, check), item, stimuli, _attention_target(definition, rng))
+        page = (opaque_id(secret, "attention", rater_id, check), item, stimuli, _attention_target(definition, rng),
+                ATTENTION)
         pages.insert(rng.randint(0, len(pages)), page)
+    regular_items = {item for _, item, _ in slots}
+    fresh = [item for item in range(definition.n_items) if item not in regular_items]
+    heard = sorted(regular_items)
+    rng.shuffle(fresh)
+    rng.shuffle(heard)
+    for check, item in enumerate((fresh + heard)[:definition.gold_pages]):  # items the rater does not rate first
+        for part, stimuli in enumerate(_gold_stimuli(manifest, item, rng)):
+            page = (opaque_id(secret, "gold", rater_id, check, part), item, stimuli, None, GOLD)
+            pages.insert(rng.randint(0, len(pages)), page)
     return [Trial(trial_id=trial_id, index=index, total=len(pages), test_type=definition.test_type, item=item,
                   prompt=manifest.items[item].prompt, stimuli=stimuli,
-                  instructions=_instructions(definition.scale, target), attention_target=target)
-            for index, (trial_id, item, stimuli, target) in enumerate(pages)]
+                  instructions=_instructions(definition.scale, target), attention_target=target, check=check)
+            for index, (trial_id, item, stimuli, target, check) in enumerate(pages)]
+
+
+def _gold_stimuli(manifest: Manifest, item: int, rng: random.Random) -> list[tuple[TrialStimulus, ...]]:
+    """The page(s) of one gold check: the anchor where the rater must judge it against the reference."""
+    test_type = manifest.definition.test_type
+    if test_type == "mushra":
+        return [_stimuli(manifest, item, None, True, rng)]
+    if test_type == "ab":
+        return [_stimuli(manifest, item, ANCHOR, rng.random() < 0.5, rng)]
+    return [_stimuli(manifest, item, REFERENCE, True, rng), _stimuli(manifest, item, ANCHOR, True, rng)]
 
 
 def _stimuli(manifest: Manifest, item_index: int, condition: str | None, reference_first: bool,

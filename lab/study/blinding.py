@@ -7,12 +7,17 @@
 - Every file gets the study's creation time as mtime: Gradio's ETag is md5(mtime-size) and Last-Modified is
   the mtime, so neither may reveal the order files were written in.
 - Per-rater randomness is seeded from the same secret: a reload shows a rater the same list.
+- What a rater downloads is a per-rater copy (`presented_copy`): its URL token, its JUNK bytes and a TPDF
+  dither of one least significant bit all come from HMAC(secret, rater, page, label), so two raters never
+  share a URL and no two files of one page are byte-identical (the hidden reference differs from the open
+  one in its samples, not only in padding), while nobody without the secret can recompute any of it.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
 import os
+import random
 import secrets
 import struct
 import tempfile
@@ -70,6 +75,46 @@ def stimulus_name(secret: bytes, key: str) -> str:
 
 def rater_seed(secret: bytes, rater_id: str) -> int:
     return int.from_bytes(digest(secret, "rater", rater_id)[:8], "big")
+
+
+def audio_token(secret: bytes, rater_id: str, page: str, label: str) -> str:
+    """The URL token of one clip as one rater receives it on one page (128 bits: not guessable)."""
+    return opaque_id(secret, "audio", rater_id, page, label, length=32)
+
+
+def rater_rng(secret: bytes, purpose: str, rater_id: str) -> random.Random:
+    """A random generator only the server can reproduce: seeded from the secret, one purpose and the rater."""
+    return random.Random(int.from_bytes(digest(secret, purpose, rater_id)[:8], "big"))
+
+
+def presented_copy(wav: bytes, secret: bytes, *key: object) -> bytes:
+    """`wav` (RIFF with JUNK and 16-bit data chunks) as one rater receives it: a JUNK payload and a TPDF dither
+    (each sample moved by -1, 0 or +1 LSB, probabilities 1/4, 1/2, 1/4) derived from `key`. About -101 dBFS of
+    noise: inaudible, yet a page's hidden and open reference differ in their samples. Same size as `wav`."""
+    copy = bytearray(wav)
+    for chunk, start, size in wav_chunks(wav):
+        if chunk == b"JUNK":
+            copy[start:start + size] = junk_bytes(secret, "\x1f".join(map(str, key)), size)
+        elif chunk == b"data":
+            pcm = np.frombuffer(wav, dtype="<i2", count=size // 2, offset=start).astype(np.int32)
+            rng = np.random.default_rng(int.from_bytes(digest(secret, "dither", *key)[:8], "big"))
+            noise = rng.integers(0, 2, pcm.size, dtype=np.int32) + rng.integers(0, 2, pcm.size, dtype=np.int32) - 1
+            copy[start:start + pcm.size * 2] = np.clip(pcm + noise, -32768, 32767).astype("<i2").tobytes()
+    return bytes(copy)
+
+
+def wav_chunks(wav: bytes) -> list[tuple[bytes, int, int]]:
+    """(chunk id, payload offset, payload size) of every chunk of a RIFF/WAVE file; ValueError if malformed."""
+    if len(wav) < 12 or wav[:4] != b"RIFF" or wav[8:12] != b"WAVE":
+        raise ValueError("Not a RIFF/WAVE file.")
+    chunks, offset = [], 12
+    while offset + 8 <= len(wav):
+        chunk, size = wav[offset:offset + 4], struct.unpack("<I", wav[offset + 4:offset + 8])[0]
+        if offset + 8 + size > len(wav):
+            raise ValueError(f"The WAV chunk {chunk!r} runs past the end of the file.")
+        chunks.append((chunk, offset + 8, size))
+        offset += 8 + size + size % 2
+    return chunks
 
 
 def junk_bytes(secret: bytes, key: str, size: int = JUNK_SIZE) -> bytes:

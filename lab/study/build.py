@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,9 +22,11 @@ import numpy as np
 import torch
 
 import quant
+from lab import sat
 from lab.audio import loudness_match
 from lab.generation import GenerationRequest, generate_clip
-from lab.quantized import QuantizedModels, quant_source_hash
+from lab.quantized import QuantizedModels, duration, quant_source_hash
+from lab.requests import validate_prompts
 from lab.sat import LoadedModel
 from lab.study import blinding
 from lab.study.definition import ANCHOR, ANCHORS, HIDDEN_REFERENCE, REFERENCE, StudyDefinition
@@ -43,6 +46,53 @@ from lab.study.manifest import (
 
 ANCHOR_ORDER = 8  # Butterworth order; filtfilt doubles the attenuation slope
 BARRIER_TIMEOUT = timedelta(hours=24)  # rank 0 may calibrate quantized models while the others wait
+LARGE_BUILD_SECONDS = 30 * 60  # a build estimated longer than this starts only when confirmed
+
+
+@dataclass(frozen=True)
+class BuildEstimate:
+    """What building a definition costs, said before it starts: clips generated (every item through full precision
+    and each condition), files written, time from the model's measured DiT forward, disk from the WAV size."""
+    items: int
+    clips: int
+    files: int
+    seconds_per_clip: float
+    file_bytes: int
+
+    @property
+    def seconds(self) -> float:
+        return self.clips * self.seconds_per_clip
+
+    @property
+    def large(self) -> bool:
+        return self.seconds > LARGE_BUILD_SECONDS
+
+    def describe(self) -> str:
+        return (f"{self.items} items x {self.clips // self.items} clips = {self.clips} clips to generate, about "
+                f"{duration(self.seconds)} on this machine ({self.seconds_per_clip:.2g} s per clip; calibration "
+                f"not included); {self.files} files, {self.files * self.file_bytes / 2**20:.1f} MiB on disk.")
+
+    def check_confirmed(self, confirmed: bool, how: str) -> None:
+        """Refuse a large build unless `confirmed` (`how` says how the user confirms)."""
+        if self.large and not confirmed:
+            raise ValueError(f"This study is large: {self.describe()} Confirm it ({how}) to build it, or make it "
+                             f"smaller (fewer prompts, seeds or conditions, shorter clips, fewer steps).")
+
+
+def estimate_build(definition: StudyDefinition, loaded: LoadedModel, models: QuantizedModels) -> BuildEstimate:
+    """The cost of building `definition` (checked as `build_study` checks it): the clip time scales the model's
+    measured DiT forward (`QuantizedModels.measure_speed`, measured once) by the forwards of the study's sampler and
+    its clip length; a file is a 16-bit WAV of the clip."""
+    request = base_request(definition, loaded)
+    forward = models.forward_seconds or models.measure_speed()
+    seconds_per_clip = (sat.dit_forwards(request.sampler, request.steps) * forward
+                        * request.seconds / models.plan.seconds)
+    samples = round(request.seconds * loaded.sample_rate)
+    silence = np.zeros((loaded.channels, samples), dtype=np.float32)
+    file_bytes = len(blinding.wav_bytes(silence, loaded.sample_rate, bytes(blinding.JUNK_SIZE)))
+    return BuildEstimate(items=definition.n_items, clips=definition.n_items * (1 + len(definition.conditions)),
+                         files=definition.n_items * len(definition.stimulus_keys),
+                         seconds_per_clip=seconds_per_clip, file_bytes=file_bytes)
 
 
 def build_study(definition: StudyDefinition, loaded: LoadedModel, models: QuantizedModels, root: str | Path, *,
@@ -94,19 +144,16 @@ def build_study(definition: StudyDefinition, loaded: LoadedModel, models: Quanti
 
 
 def base_request(definition: StudyDefinition, loaded: LoadedModel) -> GenerationRequest:
-    """The request every item is generated with (prompt and seed filled in per item), validated for this model:
-    the definition's sampler settings, the model's defaults where it leaves them None, refused where the model's
-    generation.json does not validate them."""
+    """The request every item is generated with (prompt and seed filled in per item): the definition's sampler
+    settings, the model's defaults where it leaves them None, with every prompt of the definition checked as the
+    Compare tab checks its request (`lab.requests.validate_prompts`)."""
     settings = loaded.sampling.replace(steps=definition.steps, cfg_scale=definition.cfg_scale,
                                        sampler_type=definition.sampler_type)
     request = GenerationRequest(prompt=definition.prompts[0], seconds=float(definition.seconds or loaded.seconds),
                                 steps=settings.steps, cfg_scale=float(settings.cfg_scale), seed=definition.seeds[0],
                                 sampler=settings.sampler_type, sigma_min=settings.sigma_min,
                                 sigma_max=settings.sigma_max)
-    request.validate(max_seconds=loaded.sample_size / loaded.sample_rate)
-    if refusal := loaded.guide.refusal(request.sampler, request.cfg_scale):
-        raise ValueError(f"{refusal} A study rates what raters hear: build it with settings the model is "
-                         "validated for.")
+    validate_prompts(loaded, request, definition.prompts)
     if definition.anchor and ANCHORS[definition.anchor] >= 0.45 * loaded.sample_rate:
         raise ValueError(f"The {definition.anchor} anchor needs a sample rate above "
                          f"{ANCHORS[definition.anchor] / 0.45:.0f} Hz; this model runs at {loaded.sample_rate} Hz.")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import quant
-from lab.generation import CFG_RANGE, MAX_PROMPT_CHARS, MAX_SEED, SAMPLERS, STEPS_RANGE
+from lab.generation import MAX_PROMPT_CHARS, MAX_SEED
 
 TEST_TYPES = ("acr", "ab", "mushra")
 ANCHORS = {"lowpass-3.5k": 3500.0, "lowpass-7k": 7000.0}  # BS.1534 low-pass anchors: name -> cutoff in Hz
@@ -26,6 +26,8 @@ STUDY_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?")  # <= 40 chars, s
 MAX_TITLE_CHARS = 200
 MAX_INSTRUCTIONS_CHARS = 5000
 MAX_ATTENTION_CHECKS = 20
+MAX_GOLD_PAGES = 10
+MAX_ABANDON_MINUTES = 7 * 24 * 60
 _DEFAULT = "default"  # anchor sentinel: MUSHRA gets the 3.5 kHz anchor, the others none
 
 
@@ -82,6 +84,13 @@ class StudyDefinition:
     trials_per_rater: int | None = None
     attention_checks: int = 0
     instructions: str = ""
+    completion_url: str | None = None  # the platform's completion link: `{code}` is replaced, else ?cc=<code>
+    max_raters: int | None = None  # registrations refused past this many live or finished raters
+    abandon_minutes: float = 60  # an unfinished rater's slot goes to the next arrival after this long
+    headphone_check: bool = True
+    questionnaire: bool = True
+    gold_pages: int = 0  # pages with a known answer (the anchor clearly below the reference)
+    require_max_rating: bool | None = None  # None: True for MUSHRA (BS.1534 asks for one clip at 100)
 
     def __post_init__(self):
         for name in ("prompts", "seeds", "conditions"):
@@ -91,6 +100,8 @@ class StudyDefinition:
             object.__setattr__(self, name, tuple(value))
         if self.anchor == _DEFAULT:
             object.__setattr__(self, "anchor", "lowpass-3.5k" if self.test_type == "mushra" else None)
+        if self.require_max_rating is None:
+            object.__setattr__(self, "require_max_rating", self.test_type == "mushra")
         self._validate()
 
     def _validate(self) -> None:
@@ -114,6 +125,32 @@ class StudyDefinition:
             raise ValueError(f"attention_checks must be a whole number from 0 to {MAX_ATTENTION_CHECKS}.")
         if not isinstance(self.instructions, str) or len(self.instructions) > MAX_INSTRUCTIONS_CHARS:
             raise ValueError(f"instructions must be text of at most {MAX_INSTRUCTIONS_CHARS} characters.")
+        self._validate_crowd()
+
+    def _validate_crowd(self) -> None:
+        """The fields a crowd study needs (platform link, caps, quality controls)."""
+        if self.completion_url is not None and not (isinstance(self.completion_url, str)
+                                                    and re.fullmatch(r"https?://\S+", self.completion_url)):
+            raise ValueError("completion_url must be an http(s) link without spaces (the recruiting platform's "
+                             "completion link), or null.")
+        if self.max_raters is not None and (not _is_int(self.max_raters) or self.max_raters < 1):
+            raise ValueError("max_raters must be a whole number >= 1, or null for no cap.")
+        if not (_is_number(self.abandon_minutes) and 1 <= self.abandon_minutes <= MAX_ABANDON_MINUTES):
+            raise ValueError(f"abandon_minutes must be a number from 1 to {MAX_ABANDON_MINUTES} (a week).")
+        for name in ("headphone_check", "questionnaire", "require_max_rating"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false.")
+        if self.require_max_rating and self.test_type != "mushra":
+            raise ValueError("require_max_rating applies to MUSHRA only (one clip rated 100); set it to false "
+                             f"or null for {self.test_type.upper()}.")
+        if not _is_int(self.gold_pages) or not 0 <= self.gold_pages <= MAX_GOLD_PAGES:
+            raise ValueError(f"gold_pages must be a whole number from 0 to {MAX_GOLD_PAGES}.")
+        if self.gold_pages and self.anchor is None:
+            raise ValueError("gold_pages needs an anchor (e.g. \"anchor\": \"lowpass-3.5k\"): a gold page checks "
+                             "that the low-passed clip is rated clearly below the reference.")
+        if self.gold_pages > self.n_items:
+            raise ValueError(f"gold_pages is {self.gold_pages} but the design has only {self.n_items} items; "
+                             "each gold page uses a different item.")
 
     def _validate_prompts_and_seeds(self) -> None:
         if not self.prompts:
@@ -144,15 +181,17 @@ class StudyDefinition:
             raise ValueError(f"anchor {self.anchor!r} is not one of {', '.join(ANCHORS)} (or null for none).")
 
     def _validate_sampler(self) -> None:
-        if self.steps is not None and (not _is_int(self.steps) or not STEPS_RANGE[0] <= self.steps <= STEPS_RANGE[1]):
-            raise ValueError(f"steps must be a whole number from {STEPS_RANGE[0]} to {STEPS_RANGE[1]}, or null.")
-        if self.cfg_scale is not None and not (_is_number(self.cfg_scale)
-                                               and CFG_RANGE[0] <= self.cfg_scale <= CFG_RANGE[1]):
-            raise ValueError(f"cfg_scale must be from {CFG_RANGE[0]:g} to {CFG_RANGE[1]:g}, or null.")
-        if self.sampler_type is not None and self.sampler_type not in SAMPLERS:
-            raise ValueError(f"sampler_type {self.sampler_type!r} is not one of {', '.join(SAMPLERS)}.")
-        if self.seconds is not None and not (_is_number(self.seconds) and self.seconds >= 0.5):
-            raise ValueError("seconds must be a number >= 0.5 (at most the model's length), or null.")
+        """Types only: the values themselves are checked against the model at build time, by the check the Compare
+        tab's request goes through (`lab.requests.validate_prompts`), so one rule decides both."""
+        if self.steps is not None and not _is_int(self.steps):
+            raise ValueError(f"steps must be a whole number, or null for the model's default; got {self.steps!r}.")
+        for name in ("cfg_scale", "seconds"):
+            if getattr(self, name) is not None and not _is_number(getattr(self, name)):
+                raise ValueError(f"{name} must be a number, or null for the model's default; "
+                                 f"got {getattr(self, name)!r}.")
+        if self.sampler_type is not None and not isinstance(self.sampler_type, str):
+            raise ValueError(f"sampler_type must be a sampler's name, or null for the model's default; "
+                             f"got {self.sampler_type!r}.")
 
     # ---- derived ------------------------------------------------------------------------------------
 

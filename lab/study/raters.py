@@ -1,22 +1,70 @@
-"""Raters numbered in order of arrival: the Latin-square rotation gives rater k the k-th block of the design,
-so the numbers must be dense, unique and permanent, even when many browser tabs (threads) and app
-workers (processes) register at once. `raters.json` holds the ids in arrival order; it is changed under a
-thread lock plus an advisory file lock and replaced atomically, so readers never see half a file.
+"""Who rates a study: registration with a signed token, design slots that survive dropouts, and what is
+known about each rater (platform ids, headphone check, questionnaire, when they finished).
+
+Why it works this way:
+- a rater id in a link proves nothing, so registration returns a token (the rater id plus its HMAC under the
+  study secret) and everything after registration needs it; a platform id (Prolific's PROLIFIC_PID, else
+  `rater`) is bound to its first registration, so a second browser cannot take over someone's ratings;
+- the Latin square gives slot k the k-th block of the design, and balance holds over any prefix of slots.
+  Crowd raters drop out, so a slot whose rater has not finished `abandon_minutes` after registering is
+  released and given to the next arrival (lowest slot first): the raters who finish keep filling a prefix of
+  the slots, which keeps every condition within one of the others among them;
+- `raters.json` is changed under a thread lock plus an advisory file lock and replaced atomically, so many
+  browser tabs (threads) and app workers (processes) get distinct slots and readers never see half a file.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import fcntl
+import hmac
 import json
 import os
+import secrets
 import tempfile
 import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+from lab.study.blinding import digest
 from lab.study.manifest import RATERS_FILE
 
 MAX_RATER_ID_CHARS = 64
 LOCK_FILE = ".raters.lock"
+PLATFORM_KEYS = ("rater", "PROLIFIC_PID", "STUDY_ID", "SESSION_ID")  # link parameters a platform may send
+ID_KEYS = ("PROLIFIC_PID", "rater")  # the first present names the rater
+QUESTIONNAIRE: dict[str, tuple[str, ...]] = {
+    "device": ("headphones", "earbuds", "loudspeakers", "laptop or phone speakers", "other"),
+    "hearing": ("normal", "some difficulty", "hearing loss", "prefer not to say"),
+    "experience": ("none", "some (musician, audio hobby)", "professional (audio work, trained listener)"),
+}
+ALREADY_STARTED = ("You have already started this study: continue in the browser where you started (your page "
+                   "there keeps your place). If you cannot, contact the researcher.")
+EXPIRED = ("This session has expired: it was not finished in time, and your place went to another participant. "
+           "Return the study on your platform, or contact the researcher.")
+INVALID_TOKEN = "This study link is not valid for you: open the study again from the link you were given."
 _lock = threading.Lock()
+T = TypeVar("T")
+
+
+class RaterRefused(ValueError):
+    """A registration or a rater's request is refused; the message is for the rater."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    rater_id: str
+    token: str  # needed for everything after registration
+    platform_id: str | None  # PROLIFIC_PID or `rater` from the link; None for an anonymous rater
+
+
+@dataclass(frozen=True)
+class Slots:
+    """How long a slot is held and how many may be held at once (from the study definition)."""
+    abandon_s: float
+    max_raters: int | None = None
 
 
 def clean_rater_id(rater_id: object) -> str:
@@ -29,38 +77,167 @@ def clean_rater_id(rater_id: object) -> str:
     return text
 
 
-def rater_number(study_dir: str | Path, rater_id: str) -> int:
-    """The arrival number (0, 1, ...) of `rater_id` in this study, registering the rater on first sight."""
+def token_for(secret: bytes, rater_id: str) -> str:
+    """The rater id (URL-safe base64) and its HMAC: whoever holds it is that rater."""
+    encoded = base64.urlsafe_b64encode(rater_id.encode()).decode().rstrip("=")
+    return f"{encoded}.{digest(secret, 'token', rater_id).hex()[:32]}"
+
+
+def rater_of_token(secret: bytes, token: object) -> str:
+    """The rater id a token was signed for; RaterRefused when it is malformed or forged."""
+    encoded, _, signature = str(token or "").partition(".")
+    try:
+        rater_id = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise RaterRefused(INVALID_TOKEN) from None
+    if not rater_id or not hmac.compare_digest(token_for(secret, rater_id), f"{encoded}.{signature}"):
+        raise RaterRefused(INVALID_TOKEN)
+    return rater_id
+
+
+def register(study_dir: str | Path, secret: bytes, platform: Mapping[str, str], slots: Slots,
+             now: float) -> Registration:
+    """A new rater with the lowest free slot; RaterRefused when the platform id is known or the study full."""
+    fields = {key: clean_rater_id(platform[key]) for key in PLATFORM_KEYS if str(platform.get(key) or "").strip()}
+    platform_id = next((fields[key] for key in ID_KEYS if key in fields), None)
+    rater_id = platform_id or f"anon-{secrets.token_hex(8)}"
+
+    def add(records: dict) -> None:
+        if rater_id in records:
+            raise RaterRefused(EXPIRED if _expired(records[rater_id], slots, now) else ALREADY_STARTED)
+        slot = _free_slot(records, slots, now)
+        records[rater_id] = {"slot": slot, "registered_at": now, "platform_id": platform_id, "platform": fields,
+                             "finished_at": None, "released": False, "headphone_check": None, "questionnaire": None}
+
+    _update(study_dir, add)
+    return Registration(rater_id, token_for(secret, rater_id), platform_id)
+
+
+def resume(study_dir: str | Path, secret: bytes, token: object, slots: Slots, now: float) -> Registration:
+    """The registration a token belongs to; RaterRefused if forged, unknown or expired."""
+    rater_id = rater_of_token(secret, token)
+    record = read_records(study_dir).get(rater_id)
+    if record is None:
+        raise RaterRefused(INVALID_TOKEN)
+    if _expired(record, slots, now):
+        raise RaterRefused(EXPIRED)
+    return Registration(rater_id, token_for(secret, rater_id), record["platform_id"])
+
+
+def slot_of(study_dir: str | Path, rater_id: str, slots: Slots, now: float) -> int:
+    """The design slot a registered rater holds; RaterRefused when unknown or expired."""
+    record = read_records(study_dir).get(rater_id)
+    if record is None:
+        raise RaterRefused(INVALID_TOKEN)
+    if _expired(record, slots, now):
+        raise RaterRefused(EXPIRED)
+    return record["slot"]
+
+
+def mark_finished(study_dir: str | Path, rater_id: str, now: float) -> None:
+    """Record that the rater rated every page: the slot is theirs for good."""
+    def finish(records: dict) -> None:
+        if records[rater_id]["finished_at"] is None:
+            records[rater_id]["finished_at"] = now
+    _update(study_dir, finish)
+
+
+def record_questionnaire(study_dir: str | Path, rater_id: str, answers: Mapping[str, str]) -> None:
+    """Store the optional questionnaire (every field optional, answers from QUESTIONNAIRE); ValueError otherwise."""
+    if not isinstance(answers, Mapping):
+        raise ValueError("The questionnaire answers are missing: answer or skip each question.")
+    unknown = sorted(set(answers) - set(QUESTIONNAIRE))
+    if unknown:
+        raise ValueError(f"Unknown questions: {', '.join(map(str, unknown))}.")
+    kept = {}
+    for field, answer in answers.items():
+        if answer in (None, ""):
+            continue  # skipped
+        if answer not in QUESTIONNAIRE[field]:
+            raise ValueError(f"Choose one of the offered answers for {field}: {', '.join(QUESTIONNAIRE[field])}.")
+        kept[field] = answer
+    set_field(study_dir, rater_id, "questionnaire", kept)
+
+
+def set_field(study_dir: str | Path, rater_id: str, field: str, value, *, once: str | None = None) -> None:
+    """Set one field of a rater's record; with `once`, refuse (ValueError `once`) when it is already set."""
+    def change(records: dict) -> None:
+        if rater_id not in records:
+            raise RaterRefused(INVALID_TOKEN)
+        if once and records[rater_id].get(field) is not None:
+            raise ValueError(once)
+        records[rater_id][field] = value
+    _update(study_dir, change)
+
+
+def rater_record(study_dir: str | Path, rater_id: str) -> dict:
+    """What is known about a rater: slot, registration time, platform ids, headphone check, questionnaire."""
+    record = read_records(study_dir).get(rater_id)
+    if record is None:
+        raise RaterRefused(INVALID_TOKEN)
+    return dict(record)
+
+
+def read_records(study_dir: str | Path) -> dict[str, dict]:
+    """rater id -> record, in arrival order (empty before the first rater)."""
+    return read_records_file(Path(study_dir) / RATERS_FILE)
+
+
+def read_records_file(path: Path) -> dict[str, dict]:
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8"))["raters"])
+    except FileNotFoundError:
+        return {}
+
+
+def read_raters(study_dir: str | Path) -> list[str]:
+    """Registered rater ids in arrival order."""
+    return list(read_records(study_dir))
+
+
+def _expired(record: dict, slots: Slots, now: float) -> bool:
+    if record["finished_at"] is not None:
+        return False
+    return record["released"] or now - record["registered_at"] > slots.abandon_s
+
+
+def _free_slot(records: dict, slots: Slots, now: float) -> int:
+    """The lowest slot released by an expired rater, else a new one; RaterRefused when the study is full."""
+    held, expired = set(), {}
+    for rater_id, record in records.items():
+        if record["released"]:
+            continue
+        if _expired(record, slots, now):
+            expired.setdefault(record["slot"], rater_id)
+        else:
+            held.add(record["slot"])
+    if slots.max_raters is not None and len(held) >= slots.max_raters:
+        raise RaterRefused("This study is full: thank you for your interest. Return it on your platform.")
+    free = sorted(slot for slot in expired if slot not in held)
+    if free:
+        records[expired[free[0]]]["released"] = True
+        return free[0]
+    return max((record["slot"] for record in records.values()), default=-1) + 1
+
+
+def _update(study_dir: str | Path, change: Callable[[dict], T]) -> T:
+    """Apply `change` to the records under both locks and write them back atomically."""
     study_dir = Path(study_dir)
-    rater_id = clean_rater_id(rater_id)
-    known = read_raters(study_dir)
-    if rater_id in known:  # fast path: the file is only ever replaced whole
-        return known.index(rater_id)
     with _lock, open(study_dir / LOCK_FILE, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            raters = read_raters(study_dir)
-            if rater_id not in raters:
-                raters.append(rater_id)
-                _write(study_dir / RATERS_FILE, raters)
-            return raters.index(rater_id)
+            records = read_records(study_dir)
+            result = change(records)
+            _write(study_dir / RATERS_FILE, records)
+            return result
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def read_raters(study_dir: str | Path) -> list[str]:
-    """Registered rater ids in arrival order (empty before the first rater)."""
-    path = Path(study_dir) / RATERS_FILE
-    try:
-        return list(json.loads(path.read_text(encoding="utf-8"))["raters"])
-    except FileNotFoundError:
-        return []
-
-
-def _write(path: Path, raters: list[str]) -> None:
+def _write(path: Path, records: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump({"raters": raters}, handle, ensure_ascii=False)
+        json.dump({"raters": records}, handle, ensure_ascii=False)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)

@@ -1,277 +1,268 @@
-"""The rater's pages: a study link opens instructions, a familiarisation page, the trials and a thank-you page.
+"""The rater's side of a study: a plain HTML/JS page (lab/ui/static) over a small JSON API under /api/study/.
 
-Everything that decides what a rater hears stays on the server: the session state (`gr.State`, never sent
-to the browser) holds the study, the rater id, the page on screen, when it was shown and how often each clip
-was played; the browser receives prompts, blind labels and opaque stimulus files only. The rater id lives in
-the browser's local storage (or comes from the link's `rater=` parameter), so a reload resumes where the
-rater stopped, and the store refuses a second rating of a page.
+Everything that decides what a rater hears stays on the server. A rater registers once per study through
+`Studies.register` and gets a signed token, which the page keeps in local storage and sends with every call
+(header `X-Rater-Token`); without it nothing answers, so a link's `?rater=` alone cannot act as someone else.
+The page receives prompts, blind labels and per-rater audio URLs only (lab.study.serving); the server
+records when it showed each page and which clips reached the rater in full, and the ratings store refuses a
+page before every clip has streamed and its listening time has passed.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
-import random
-import time
-import uuid
+import threading
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-import gradio as gr
-from gradio.data_classes import _StaticFiles
+from fastapi import APIRouter, Body, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
-from lab.study import RatingsStore, Trial, rater_view, trials_for
-from lab.study.manifest import Manifest
+from lab.study import Trial, trials_for
+from lab.study.blinding import rater_rng
+from lab.study.definition import HIDDEN_REFERENCE
+from lab.study.headphones import headphone_check, score_headphone_check
+from lab.study.manifest import Manifest, StudyError
+from lab.study.raters import QUESTIONNAIRE, RaterRefused, Registration, rater_record, record_questionnaire
 from lab.study.registry import Studies
+from lab.study.serving import AudioServer, Clip, StudyUnavailable
 
 log = logging.getLogger(__name__)
-MAX_CLIPS = 12  # clips one page can show (MUSHRA: conditions + hidden reference + anchor)
+STATIC_DIR = Path(__file__).parent / "static"
+TOKEN_HEADER = "X-Rater-Token"
+PLATFORM_KEYS = ("rater", "PROLIFIC_PID", "STUDY_ID", "SESSION_ID")
+MAX_PLATFORM_CHARS = 200
+FAMILIARISATION = "familiarisation"
 MAX_EXAMPLES = 8  # clips on the familiarisation page
-NO_STUDY = ("## Listening test\n\nOpen the study link you were given (it ends in `?study=...`). "
-            "Experimenters: the console is at [/admin](admin/).")
 TYPE_NAMES = {"acr": "Rate each clip", "ab": "Compare two clips", "mushra": "Rate clips against a reference"}
+NO_TOKEN = "Open the study link you were given to start (this browser has not joined the study)."
+PAGE_SECURITY = {"Content-Security-Policy": "default-src 'self'; img-src 'self'; media-src 'self' blob:; "
+                                            "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+                 "Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
+AUDIO_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+JSON_BODY = Body(None)  # any JSON: the handlers check its shape and answer in words, not a validation dump
+RATER_TOKEN = Header(None, alias=TOKEN_HEADER)
 
 
-def serve_in_place(stimuli_dir) -> None:
-    """Serve a study's stimuli from their folder, not from copies in Gradio's cache: Gradio touches a cached
-    copy each time it hands it out, and the modification times behind ETag / Last-Modified would then order
-    a page's files. In place, every file keeps the study's one build time and the same size."""
-    if Path(stimuli_dir).resolve() not in _StaticFiles.all_paths:
-        gr.set_static_paths([stimuli_dir])
+class ApiError(Exception):
+    """A refused request: HTTP status and a message for the rater."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
 
 
-def _page(name: str) -> list:
-    """Visibility updates of the four pages, showing `name`."""
-    return [gr.Column(visible=name == page) for page in ("welcome", "training", "trial", "done")]
+def answered(handler):
+    """Turn ApiError, a study that cannot be served and a rater's mistake (ValueError) into JSON errors."""
+    @functools.wraps(handler)
+    def wrapper(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except ApiError as err:
+            return JSONResponse({"error": err.message}, status_code=err.status)
+        except StudyUnavailable as err:
+            return JSONResponse({"error": str(err)}, status_code=503)
+        except RaterRefused as err:
+            return JSONResponse({"error": str(err)}, status_code=403)
+        except StudyError as err:
+            return JSONResponse({"error": str(err)}, status_code=404)
+        except ValueError as err:  # the store's and the questionnaire's words for the rater
+            log.info("rater request refused: %s", err)
+            return JSONResponse({"error": str(err)}, status_code=400)
+    return wrapper
 
 
-def _played_note(trial: Trial, plays: dict) -> str:
-    """How many of the page's clips the server has seen played (the reference counts as one)."""
-    total = len(trial.stimuli)
-    played = sum(1 for stimulus in trial.stimuli if plays.get(stimulus.label))
-    if played == total:
-        return "Every clip played: rate them and continue."
-    return f"Played {played} of {total} clips: play each one before you rate."
+def scale_view(trial: Trial) -> dict:
+    """The scale as the page draws it: its range, its labelled points and, for MUSHRA, the bands between them
+    (80-100 Excellent, 60-80 Good, ...), so labels read as ranges, not points."""
+    scale = trial.scale
+    labels = sorted(scale.labels)
+    bands = [] if scale.integer else [
+        (labels[i - 1][0] if i else scale.minimum, value, words) for i, (value, words) in enumerate(labels)]
+    return {"minimum": scale.minimum, "maximum": scale.maximum, "integer": scale.integer,
+            "labels": [list(label) for label in labels], "bands": [list(band) for band in bands],
+            "question": scale.question}
 
 
-def _blank_trial() -> list:
-    """Updates that empty the trial widgets (after the last page)."""
-    updates = ["", "", gr.Audio(value=None, visible=False)]
-    for _ in range(MAX_CLIPS):
-        updates += [gr.Row(visible=False), gr.Audio(value=None), gr.Slider(value=0, visible=False)]
-    return updates + [gr.Radio(value=None, visible=False), gr.Textbox(value=""), ""]
+def headphone_interval(manifest: Manifest, rater_id: str, trial: int, interval: int) -> bytes:
+    """One sound of a rater's headphone check, made again when asked for (deterministic; not kept in memory)."""
+    return headphone_check(manifest, rater_id).trials[trial].intervals[interval]
 
 
-class RaterPages:
-    """The handlers behind the rater's pages, over the studies of one app."""
+class RaterApi:
+    """The handlers behind the rater's page, over the studies of one app."""
 
     def __init__(self, studies: Studies):
         self.studies = studies
+        self.audio = AudioServer()
+        self._shown: dict[tuple[str, str, str], float] = {}  # (study, rater, trial) -> when first shown
+        self._lock = threading.Lock()
 
-    # ---- session -----------------------------------------------------------------------------------
+    def study(self, study_id: str):
+        manifest, store = self.studies.get(study_id)  # StudyError: the same words for every unknown id
+        self.audio.check_available(manifest)
+        return manifest, store
 
-    def open(self, study_id: str, rater_id: str, session_id: str = "") -> dict:
-        """A new session for `rater_id` in `study_id` (StudyError / ValueError with a rater-facing message)."""
-        manifest, store = self.studies.get(study_id)
-        trials_for(manifest, rater_id)  # registers the rater, validates the id
-        serve_in_place(manifest.stimuli_dir)
-        return {"study": manifest.study_id, "rater": rater_id, "session": session_id or uuid.uuid4().hex[:12],
-                "trial": None, "shown": None, "plays": {}}
+    def rater(self, study_id: str, token: str | None) -> Registration:
+        if not token:
+            raise ApiError(401, NO_TOKEN)
+        return self.studies.resume(study_id, token)  # RaterRefused: forged, unknown or expired
 
-    def _study(self, session: dict) -> tuple[Manifest, RatingsStore]:
-        if not session:
-            raise ValueError("Open the study link you were given to start.")
-        return self.studies.get(session["study"])
+    def register(self, study_id: str, body: Any, client: str) -> dict:
+        self.study(study_id)
+        given = body.get("platform", {}) if isinstance(body, Mapping) else {}
+        platform = {key: " ".join(str(given[key]).split())[:MAX_PLATFORM_CHARS] for key in PLATFORM_KEYS
+                    if isinstance(given, Mapping) and isinstance(given.get(key), (str, int)) and str(given[key]).strip()}
+        registration = self.studies.register(study_id, platform=platform, client=client)
+        return {"token": registration.token, "participant": registration.platform_id or registration.rater_id}
 
-    def current_trial(self, session: dict) -> Trial | None:
-        """The first page the rater has not rated yet (None when the study is complete)."""
-        manifest, store = self._study(session)
-        remaining = store.progress(session["rater"]).remaining
-        return remaining[0] if remaining else None
-
-    def examples(self, session: dict) -> list:
-        """Familiarisation clips: every stimulus of the first item but the hidden reference, shuffled per rater."""
-        manifest, _ = self._study(session)
-        stimuli = [s for s in manifest.items[0].stimuli if s.condition != "hidden-reference"]
-        random.Random(f"{session['study']}/{session['rater']}").shuffle(stimuli)
-        return [manifest.path(s) for s in stimuli[:MAX_EXAMPLES]]
-
-    # ---- views -------------------------------------------------------------------------------------
-
-    def welcome(self, session: dict) -> str:
-        manifest, store = self._study(session)
+    def state(self, study_id: str, registration: Registration) -> dict:
+        """What the welcome page says, and which of the optional steps this rater still has before the trials."""
+        manifest, store = self.study(study_id)
         definition = manifest.definition
-        progress = store.progress(session["rater"])
-        resume = (f"\n\nWelcome back: you have rated {len(progress.done)} of {progress.total} pages and will "
-                  "continue where you stopped." if progress.done else "")
-        return (f"## {definition.title}\n\n{TYPE_NAMES[definition.test_type]}. "
-                f"{definition.instructions or 'Listen carefully, with headphones if you can.'}\n\n"
-                f"There are {progress.total} pages. Each clip must be played before you rate it. "
-                f"Your participant id: `{session['rater']}`.{resume}")
+        progress = store.progress(registration.rater_id)
+        record = rater_record(manifest.study_dir, registration.rater_id)
+        return {"title": definition.title, "task": TYPE_NAMES[definition.test_type], "test_type": definition.test_type,
+                "instructions": definition.instructions or "Listen carefully, with headphones.",
+                "participant": registration.platform_id or registration.rater_id,
+                "done": len(progress.done), "total": progress.total,
+                "headphone_check": bool(definition.headphone_check and record.get("headphone_check") is None),
+                "questionnaire": ({field: list(choices) for field, choices in QUESTIONNAIRE.items()}
+                                  if definition.questionnaire and record.get("questionnaire") is None else None)}
 
-    def show_trial(self, session: dict) -> tuple[dict, list, str]:
-        """(session, updates of the trial widgets, thank-you text) for the next unrated page; the thank-you
-        page when none is left."""
-        trial = self.current_trial(session)
-        if trial is None:
-            manifest, _ = self._study(session)
-            code = self.studies.completion_code(manifest, session["rater"])
-            return session, [*_page("done"), *_blank_trial()], (
-                f"## Thank you!\n\nYou have rated every page. Your completion code is **{code}**.")
-        session = {**session, "trial": trial.trial_id, "shown": time.time(), "plays": {}}
-        view = rater_view(trial)
-        clips = list(view.stimuli)
-        anchors = " · ".join(f"{value} {words}" for value, words in sorted(view.scale.labels))
-        prompt = f" · Prompt: *{view.prompt}*" if view.prompt else ""
-        updates = [*_page("trial"), f"**Page {view.number} of {view.total}**{prompt}", view.instructions,
-                   gr.Audio(value=str(view.reference) if view.reference else None, visible=view.reference is not None)]
-        for index in range(MAX_CLIPS):
-            shown = index < len(clips)
-            label, path = clips[index] if shown else ("", None)
-            updates += [gr.Row(visible=shown),
-                        gr.Audio(value=str(path) if shown else None, label=f"Clip {label}" if shown else "Clip"),
-                        gr.Slider(value=0, label=f"Clip {label}" if shown else "Clip", info=anchors,
-                                  visible=shown and trial.test_type == "mushra")]
-        choices = [(f"{value} - {words}", value) for value, words in view.scale.labels]
-        updates += [gr.Radio(choices=choices, value=None, label=view.scale.question,
-                             visible=trial.test_type != "mushra"), gr.Textbox(value=""), _played_note(trial, {})]
-        return session, updates, ""
+    def clip_view(self, manifest: Manifest, clip: Clip) -> dict:
+        token = self.audio.issue(manifest, clip)
+        return {"label": clip.label, "url": f"api/study/{manifest.study_id}/audio/{token}"}
 
-    def mark_played(self, session: dict, index: int | None) -> tuple[dict, str]:
-        """Count one play of clip `index` on the current page (None: the open reference); return the session
-        and the page's played note, which tells the rater (and a browser test) that the server has the play."""
-        if not session or not session.get("trial"):
-            return session, ""
-        trial = self._trial(session)
-        rated = trial.rated
-        if index is None:
-            label = next((s.label for s in trial.stimuli if not s.rated), None)
-        else:
-            label = rated[index].label if index < len(rated) else None
-        if label is None:
-            return session, _played_note(trial, session["plays"])
-        plays = dict(session["plays"])
-        plays[label] = plays.get(label, 0) + 1
-        return {**session, "plays": plays}, _played_note(trial, plays)
+    def familiarisation(self, study_id: str, registration: Registration) -> dict:
+        """Every stimulus of the first item but the hidden reference, in an order only the server can derive."""
+        manifest, _ = self.study(study_id)
+        stimuli = [s for s in manifest.items[0].stimuli if s.condition != HIDDEN_REFERENCE]
+        rater_rng(manifest.secret(), FAMILIARISATION, registration.rater_id).shuffle(stimuli)
+        clips = [Clip(manifest.study_id, registration.rater_id, FAMILIARISATION, f"Example {index}", s.condition,
+                      file=s.file) for index, s in enumerate(stimuli[:MAX_EXAMPLES], start=1)]
+        return {"clips": [self.clip_view(manifest, clip) for clip in clips]}
 
-    def _trial(self, session: dict) -> Trial:
-        manifest, _ = self._study(session)
-        for trial in trials_for(manifest, session["rater"]):
-            if trial.trial_id == session.get("trial"):
-                return trial
-        raise ValueError("This page is not in your list: reload the study to continue where you left off.")
+    def page(self, study_id: str, registration: Registration) -> dict:
+        """The first unrated page (recording when it was first shown), or the completion code."""
+        manifest, store = self.study(study_id)
+        rater_id = registration.rater_id
+        remaining = store.progress(rater_id).remaining
+        if not remaining:
+            completion = self.studies.completion(manifest.study_id, rater_id)
+            return {"stage": "done", "code": completion.code, "redirect_url": completion.redirect_url,
+                    "message": f"You have rated every page. Your completion code is {completion.code}."}
+        trial = remaining[0]
+        with self._lock:
+            self._shown.setdefault((manifest.study_id, rater_id, trial.trial_id), self.studies.clock())
+        clips = [self.clip_view(manifest, Clip(manifest.study_id, rater_id, trial.trial_id, s.label, s.condition,
+                                               file=s.file)) for s in trial.stimuli]
+        return {"stage": "trial", "trial_id": trial.trial_id, "number": trial.index + 1, "total": trial.total,
+                "test_type": trial.test_type, "prompt": trial.prompt, "instructions": trial.instructions,
+                "clips": clips, "rated": [s.label for s in trial.rated], "scale": scale_view(trial),
+                "listening_seconds": round(store.listening_seconds(trial), 3)}
 
-    def submit(self, session: dict, choice, sliders: list, comment: str) -> str:
-        """Store the page's ratings (ValueError with a rater-facing message, nothing written, otherwise)."""
-        manifest, store = self._study(session)
-        trial = self._trial(session)
-        if trial.test_type == "mushra":
-            scores = {stimulus.label: sliders[index] for index, stimulus in enumerate(trial.rated)}
-        else:
-            if choice is None:
-                raise ValueError("Choose a rating before continuing.")
-            scores = choice
-        submission = store.submit(trial, session["rater"], scores, session["plays"], presented_at=session["shown"],
-                                  session_id=session["session"], comment=comment)
-        return submission.message or ""
+    def submit(self, study_id: str, registration: Registration, token: str, body: Any) -> dict:
+        manifest, store = self.study(study_id)
+        body = body if isinstance(body, Mapping) else {}
+        rater_id = registration.rater_id
+        trial = next((t for t in trials_for(manifest, rater_id) if t.trial_id == body.get("trial_id")), None)
+        shown = self._shown.get((manifest.study_id, rater_id, trial.trial_id)) if trial else None
+        if trial is None or shown is None:
+            raise ApiError(409, "This page is not the one on your screen: reload the page to continue.")
+        plays = body.get("plays") if isinstance(body.get("plays"), Mapping) else {}
+        submission = store.submit(trial, rater_id, body.get("scores"), dict(plays), presented_at=shown,
+                                  session_id=hashlib.sha256(token.encode()).hexdigest()[:12],
+                                  comment=str(body.get("comment") or ""),
+                                  streamed=self.audio.streamed(manifest.study_id, rater_id, trial.trial_id))
+        return {"message": submission.message or ""}
+
+    def headphones(self, study_id: str, registration: Registration) -> dict:
+        manifest, _ = self.study(study_id)
+        rater_id = registration.rater_id
+        trials = []
+        for trial in headphone_check(manifest, rater_id).trials:
+            intervals = [self.clip_view(manifest, Clip(
+                manifest.study_id, rater_id, f"headphones-{trial.index}", str(number), "headphone-check",
+                generate=functools.partial(headphone_interval, manifest, rater_id, trial.index, number - 1)))
+                for number in range(1, len(trial.intervals) + 1)]
+            trials.append({"index": trial.index, "question": trial.question, "intervals": intervals})
+        return {"trials": trials}
+
+    def answer_headphones(self, study_id: str, registration: Registration, body: Any) -> dict:
+        manifest, _ = self.study(study_id)
+        answers = body.get("answers") if isinstance(body, Mapping) else None
+        if not isinstance(answers, list):
+            raise ApiError(400, "Answer every question of the headphone check.")
+        result = score_headphone_check(manifest, registration.rater_id, answers)
+        return {"passed": result.passed}
+
+    def questionnaire(self, study_id: str, registration: Registration, body: Any) -> dict:
+        manifest, _ = self.study(study_id)
+        answers = body.get("answers") if isinstance(body, Mapping) else None
+        if not isinstance(answers, Mapping):
+            raise ApiError(400, "Send the questionnaire's answers, or skip it.")
+        record_questionnaire(manifest.study_dir, registration.rater_id,
+                             {str(key): str(value) for key, value in answers.items()})
+        return {}
+
+    def audio_response(self, study_id: str, registration: Registration, token: str):
+        """One clip, streamed; the same headers for every clip of a study (no ETag, no Last-Modified)."""
+        manifest, _ = self.study(study_id)
+        clip = self.audio.clip(manifest.study_id, registration.rater_id, token)
+        if clip is None:
+            raise ApiError(404, "Not found.")
+        body = self.audio.body(manifest, clip)
+        return StreamingResponse(self.audio.stream(manifest, clip, body), media_type="audio/wav",
+                                 headers={**AUDIO_HEADERS, "Content-Length": str(len(body))})
 
 
-def build_rater_app(studies: Studies, *, browser_secret: str) -> gr.Blocks:
-    """The Blocks a study link opens (mounted at the server's root)."""
-    pages = RaterPages(studies)
-    with gr.Blocks(title="Listening test") as demo:
-        stored_id = gr.BrowserState("", storage_key="ptq-lab-rater-id", secret=browser_secret)
-        session = gr.State(None)
-        link_study, link_rater = gr.Textbox(visible=False), gr.Textbox(visible=False)  # inputs of /open_study
-        opener = gr.Button(visible=False)
-        with gr.Column(visible=True) as welcome_page:
-            welcome = gr.Markdown("Loading the study…", elem_id="welcome")
-            start = gr.Button("Start", variant="primary", visible=False, elem_id="start")
-        with gr.Column(visible=False) as training_page:
-            gr.Markdown("## Familiarisation\n\nThese clips show the range of quality you will hear. Listen to "
-                        "them as often as you like; they are not rated.")
-            examples = [gr.Audio(label=f"Example {i + 1}", type="filepath", interactive=False, buttons=[],
-                                 visible=False) for i in range(MAX_EXAMPLES)]
-            to_trials = gr.Button("Continue to the test", variant="primary", elem_id="to-trials")
-        with gr.Column(visible=False) as trial_page:
-            header = gr.Markdown(elem_id="trial-header")
-            instructions = gr.Markdown(elem_id="trial-instructions")
-            reference = gr.Audio(label="Reference", type="filepath", interactive=False, buttons=[], visible=False,
-                                 elem_id="reference")
-            rows, players, sliders = [], [], []
-            for index in range(MAX_CLIPS):
-                with gr.Row(visible=False) as row:
-                    players.append(gr.Audio(type="filepath", interactive=False, buttons=[],
-                                            elem_id=f"clip-{index}"))
-                    sliders.append(gr.Slider(0, 100, value=0, step=1, visible=False, elem_id=f"score-{index}"))
-                rows.append(row)
-            choice = gr.Radio(visible=False, elem_id="choice")
-            comment = gr.Textbox(label="Comment (optional)", max_lines=3, elem_id="comment")
-            played = gr.Markdown(elem_id="played")
-            submit = gr.Button("Submit and continue", variant="primary", elem_id="submit")
-            status = gr.Markdown(elem_id="status")
-        with gr.Column(visible=False) as done_page:
-            done = gr.Markdown(elem_id="done")
+def build_rater_router(studies: Studies) -> APIRouter:
+    """The page at / and its API; every call but registration needs the rater's token."""
+    api = RaterApi(studies)
+    router = APIRouter()
 
-        pages_out = [welcome_page, training_page, trial_page, done_page]
-        trial_out = [*pages_out, header, instructions, reference,
-                     *[component for trio in zip(rows, players, sliders) for component in trio], choice, comment,
-                     played]
+    @router.get("/", include_in_schema=False)
+    def page_html():
+        return FileResponse(STATIC_DIR / "rater.html", headers=PAGE_SECURITY)
 
-        def user_message(fn):
-            @functools.wraps(fn)
-            def wrapper(*args, **kwargs):
-                try:
-                    return fn(*args, **kwargs)
-                except ValueError as err:  # a rater's mistake or a bad link: a message, not a traceback
-                    log.info("rater request refused: %s", err)
-                    raise gr.Error(str(err), print_exception=False) from None
-            return wrapper
+    @router.post("/api/study/{study_id}/register")
+    @answered
+    def register(study_id: str, request: Request, body: Any = JSON_BODY):
+        return api.register(study_id, body, request.client.host if request.client else "")
 
-        def opened(study_id, rater_id, request: gr.Request):
-            current = pages.open(study_id, rater_id, getattr(request, "session_hash", "") or "")
-            return current, rater_id, pages.welcome(current), gr.Button(visible=True)
+    def with_rater(name: str, method: str, call):
+        @answered
+        def endpoint(study_id: str, token: str | None = RATER_TOKEN, body: Any = JSON_BODY):
+            return call(study_id, api.rater(study_id, token), token, body)
+        router.add_api_route(f"/api/study/{{study_id}}/{name}", endpoint, methods=[method])
 
-        def on_load(remembered, request: gr.Request):
-            params = request.query_params
-            if not params.get("study"):  # the bare address: say where to go, name no study
-                return None, remembered, NO_STUDY, gr.Button(visible=False)
-            rater_id = (params.get("rater") or remembered or f"r-{uuid.uuid4().hex[:10]}").strip()
-            try:
-                return opened(params.get("study", ""), rater_id, request)
-            except ValueError as err:
-                log.info("study link refused: %s", err)
-                return None, remembered, str(err), gr.Button(visible=False)
+    with_rater("state", "GET", lambda study, reg, token, body: api.state(study, reg))
+    with_rater("familiarisation", "GET", lambda study, reg, token, body: api.familiarisation(study, reg))
+    with_rater("page", "GET", lambda study, reg, token, body: api.page(study, reg))
+    with_rater("submit", "POST", api.submit)
+    with_rater("headphones", "GET", lambda study, reg, token, body: api.headphones(study, reg))
+    with_rater("headphones", "POST", lambda study, reg, token, body: api.answer_headphones(study, reg, body))
+    with_rater("questionnaire", "POST", lambda study, reg, token, body: api.questionnaire(study, reg, body))
 
-        demo.load(on_load, inputs=[stored_id], outputs=[session, stored_id, welcome, start], api_visibility="private")
-        opener.click(user_message(opened), inputs=[link_study, link_rater],
-                     outputs=[session, stored_id, welcome, start], api_name="open_study")
+    @router.get("/api/study/{study_id}/audio/{clip_token}")
+    @answered
+    def audio(study_id: str, clip_token: str, token: str | None = RATER_TOKEN):
+        return api.audio_response(study_id, api.rater(study_id, token), clip_token)
 
-        @user_message
-        def begin(current):
-            paths = pages.examples(current)
-            return [*_page("training"), *[gr.Audio(value=str(paths[i]) if i < len(paths) else None,
-                                                    visible=i < len(paths)) for i in range(MAX_EXAMPLES)]]
+    return router
 
-        start.click(begin, inputs=[session], outputs=[*pages_out, *examples], api_name="start")
 
-        @user_message
-        def first_trial(current):
-            current, updates, thanks = pages.show_trial(current)
-            return [current, *updates, thanks, ""]
+def mount_rater(server: FastAPI, studies: Studies) -> None:
+    """The rater's page, its static files and its API on `server` (at the root)."""
+    server.include_router(build_rater_router(studies))
+    server.mount("/rater-static", StaticFiles(directory=STATIC_DIR), name="rater-static")
 
-        to_trials.click(first_trial, inputs=[session], outputs=[session, *trial_out, done, status], api_name="trials")
-
-        reference.play(functools.partial(pages.mark_played, index=None), inputs=[session], outputs=[session, played],
-                       api_name="play_reference", concurrency_limit=None)
-        for index, player in enumerate(players):
-            player.play(functools.partial(pages.mark_played, index=index), inputs=[session], outputs=[session, played],
-                        api_name=f"play_{index + 1}", concurrency_limit=None)
-
-        @user_message
-        def rate(current, picked, comment_text, *slider_values):
-            message = pages.submit(current, picked, list(slider_values), comment_text)
-            current, updates, thanks = pages.show_trial(current)
-            return [current, *updates, thanks, message]
-
-        submit.click(rate, inputs=[session, choice, comment, *sliders], outputs=[session, *trial_out, done, status],
-                     api_name="submit", concurrency_limit=None)
-    return demo
+    @server.exception_handler(RequestValidationError)
+    async def not_json(request: Request, err: RequestValidationError):
+        """A body that is not JSON: one sentence, not a validation dump."""
+        return JSONResponse({"error": "Send the request body as JSON."}, status_code=400)

@@ -10,6 +10,10 @@ from gradio_client.exceptions import AppError
 
 import app
 from lab.audio import integrated_loudness
+from lab.comparison import Lab
+from lab.quantized import QuantizedModels
+from lab.study.registry import Studies
+from lab.ui.console import Console, studies_table
 from tests.app.conftest import PASSWORD, finish_study
 from tests.tiny_audio import write_tiny_audio_model
 
@@ -106,12 +110,13 @@ def test_unknown_words_are_refused_before_anything_is_generated(served):
     assert sorted(lab.output_dir.rglob("*")) == before
 
 
-def test_unknown_words_message_names_only_the_words_a_word_level_tokenizer_lacks(tiny_audio):
-    from lab.ui.console import unknown_words_message
-
-    assert unknown_words_message(tiny_audio.model, "sine tone at a4", "white noise") == ""
-    message = unknown_words_message(tiny_audio.model, "sine tone at a4 please", "a dog")
-    assert "'please', 'a', 'dog'" in message and "examples" in message
+def test_the_prompt_note_names_only_the_words_a_word_level_tokenizer_lacks(tiny_audio, tmp_path):
+    console = Console(Lab(tiny_audio, QuantizedModels(tiny_audio, cache_dir=tmp_path / "cache",
+                                                      calibration_prompts=["white noise"]), tmp_path / "out"),
+                      Studies(tmp_path / "studies"))
+    assert console.prompt_note("sine tone at a4", "white noise") == ""
+    message = console.prompt_note("sine tone at a4 please", "a dog")
+    assert "'please' (in 'sine tone at a4 please'); 'a', 'dog' (in 'a dog')" in message and "examples" in message
 
 
 def test_the_sampler_choices_are_those_generation_json_validates(tiny_audio_files, tmp_path):
@@ -172,6 +177,56 @@ def test_bad_study_definitions_are_refused_and_build_nothing(served, text, messa
     with pytest.raises(AppError, match=message):
         console(url).predict(text, api_name="/build_study")
     assert studies.ids() == before
+
+
+def test_a_large_study_is_estimated_and_built_only_when_confirmed(served):
+    url, _, studies = served
+    text = ('{"study_id": "huge", "title": "t", "test_type": "acr", "prompts": ["white noise"], '
+            '"seeds": ' + str(list(range(100_000))) + ', "conditions": ["w8a8-dynamic"], "steps": 4}')
+    with pytest.raises(AppError, match=r"This study is large: 100000 items x 2 clips.*MiB on disk.*Confirm it"):
+        console(url).predict(text, False, api_name="/build_study")
+    assert "huge" not in studies.ids() and not (studies.root / "huge").exists()
+
+
+def test_a_damaged_study_is_named_with_its_files_in_studies_and_results(served, tmp_path):
+    """The rater's link only says 'not valid'; the experimenter's views say which file changed."""
+    import shutil
+
+    from lab.study.manifest import load_manifest
+
+    _, lab, studies = served
+    shutil.copytree(studies.root / "test-ab", tmp_path / "test-ab")
+    manifest = load_manifest(tmp_path / "test-ab")
+    damaged = manifest.items[0].stimuli[1]
+    data = bytearray(manifest.path(damaged).read_bytes())
+    data[-1] ^= 1  # one bit of the last sample
+    manifest.path(damaged).write_bytes(bytes(data))
+    console = Console(lab, Studies(tmp_path))
+    (link,) = studies_table(console.studies)["rater link"]
+    assert link.startswith("damaged: ") and damaged.file in link and "sha256 differs" in link
+    with pytest.raises(ValueError, match=damaged.file):
+        console.analyse("test-ab")
+
+
+def test_console_downloads_need_the_login(served):
+    """A file a console event returned (here a Compare clip; ratings CSVs go the same way) is served to the logged-in
+    browser, and to nobody without the login: not under /admin, not at the server's root."""
+    import json
+
+    import httpx
+
+    url, *_ = served
+    with httpx.Client(base_url=url, timeout=120) as browser:
+        assert browser.post("admin/login", data={"username": app.ADMIN_USER, "password": PASSWORD}).is_success
+        event = browser.post("admin/gradio_api/call/generate",
+                             json={"data": [*REQUEST, "W8A8", "dynamic", False, LAYER, False]}).json()["event_id"]
+        stream = browser.get(f"admin/gradio_api/call/generate/{event}").text
+        result = json.loads(stream.split("event: complete\ndata: ", 1)[1].splitlines()[0])
+        file_url = result[0]["url"]
+        assert "/admin/gradio_api/file=" in file_url and browser.get(file_url).is_success
+    cached_path = file_url.split("file=", 1)[1]
+    for anonymous_url in (file_url, f"{url}gradio_api/file={cached_path}", f"{url}file={cached_path}"):
+        assert httpx.get(anonymous_url, timeout=30).status_code in (401, 403, 404), anonymous_url
 
 
 def test_analysis_of_a_rated_study_and_of_no_study(served):

@@ -8,6 +8,7 @@ import torch
 
 from bench import external, fidelity, run, sampling, shape, targets, torchao
 from bench.config import QUICK_DIT as QUICK_SHAPE
+from bench.random_models import random_dit
 from lab import sat
 from lab.study import COLUMNS
 
@@ -90,7 +91,7 @@ def test_linear_bound_follows_the_share_and_the_static_speed_up():
 
 
 def test_linear_time_share_counts_the_quantized_linears_and_removes_its_hooks():
-    dit = sat.random_dit(QUICK_SHAPE)
+    dit = random_dit(QUICK_SHAPE)
     x, t, kwargs = shape.forward_inputs(QUICK_SHAPE, 16, 4)
     share = shape.linear_time_share(dit, lambda: dit(x, t, **kwargs), reps=2)
     assert 0 < share < 1

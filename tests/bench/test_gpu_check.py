@@ -10,11 +10,11 @@ from tests.tiny_models import TINY_DIT
 
 
 def test_weight_only_presets_in_bf16_agree_under_autocast(monkeypatch):
-    monkeypatch.setattr(kernels, "native_bf16", lambda device="cpu": True)  # what a CUDA device reports
     monkeypatch.setenv(kernels.WEIGHT_ONLY_ENV, "resident")  # CUDA's weight-only path
     args = gpu_check.parse_args(["--out", "unused.json", "--latent-tokens", "16", "--cond-tokens", "3", "--reps", "1",
                                  "--presets", "w8a16", "w4a16", "w8a8-dynamic"])
-    result = gpu_check.run(args, device="cpu", shape=dict(TINY_DIT))
+    with kernels.using_cpu_profile("vnni-bf16"):  # native bf16, as a CUDA device reports
+        result = gpu_check.run(args, device="cpu", shape=dict(TINY_DIT))
     assert not result["errors"], result["errors"]
     rows = result["presets"]
     assert rows["w8a16"]["compute_dtype"] == rows["w4a16"]["compute_dtype"] == "bfloat16"
@@ -32,7 +32,7 @@ def test_app_comparison_runs_on_the_apps_engine(tiny_audio_files, tmp_path):
                         calibration_prompts=tmp_path / "prompts.txt", calibration_steps=2, studies_dir=tmp_path / "s")
     config_path, ckpt_path = tiny_audio_files
     lab = build_lab(settings, model_config=config_path, ckpt_path=ckpt_path)
-    result = gpu_check.app_comparison(lab, "w8a8-dynamic", steps=3)
+    result = gpu_check.app_comparison(lab, "w8a8-dynamic", steps=3, prompt="sine tone at a4")  # its tokenizer's words
     assert result["recipe"] == "w8a8-dynamic" and result["steps"] == 3
     assert result["full_precision_s"] > 0 and result["quantized_s"] > 0
     assert result["quantized_over_full_precision"] == pytest.approx(result["quantized_s"] / result["full_precision_s"])

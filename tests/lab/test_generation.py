@@ -9,6 +9,7 @@ import torch
 
 import quant
 from lab import figures, sat
+from lab.calibration import calibrate
 from lab.comparison import Lab
 from lab.generation import (
     LOG_ABS_EDGES,
@@ -19,7 +20,9 @@ from lab.generation import (
     linear_layer_names,
     parse_seed,
 )
-from lab.quantized import QuantizedModels, calibrate, describe, recipe_name, save_quantized
+from lab.methods import describe, recipe_name
+from lab.quantized import QuantizedModels
+from lab.quantized_files import save_quantized
 from lab.resources import read_prompts
 from lab.sat import SamplerSettings
 

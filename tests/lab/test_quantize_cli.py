@@ -8,8 +8,9 @@ from safetensors.torch import load_file, save_file
 
 import quant
 from lab import sat
+from lab.calibration import spread
 from lab.quantize_cli import main
-from lab.quantized import QuantizedModels, spread
+from lab.quantized import QuantizedModels
 from lab.resources import CALIBRATION_PROMPTS, read_prompts
 from tests.tiny_models import TINY_CONFIG, tiny_diffusion_cond
 

@@ -1,5 +1,6 @@
-"""lab.quantized on the tiny text-to-audio model: the calibration plan, copies that share the FP model's tensors,
-one quantized-file format with clear errors, given statistics, reproducible +lora, calibration beside serving."""
+"""Quantized models on the tiny text-to-audio model: the calibration plan (lab.calibration), copies that share the
+FP model's tensors (lab.model_copies), one quantized-file format with clear errors (lab.quantized_files), given
+statistics, reproducible +lora, calibration beside serving (lab.quantized)."""
 import dataclasses
 import threading
 
@@ -8,15 +9,10 @@ import torch
 
 import quant
 from lab import sat
-from lab.quantized import (
-    CalibrationPlan,
-    QuantizedModels,
-    copy_for_quantization,
-    load_quantized,
-    save_quantized,
-    shared_view,
-    spread,
-)
+from lab.calibration import CalibrationPlan, spread
+from lab.model_copies import copy_for_quantization, shared_view
+from lab.quantized import QuantizedModels
+from lab.quantized_files import load_quantized, save_quantized
 from lab.resources import CALIBRATION_PROMPTS, read_prompts
 from tests.tiny_audio import write_tiny_audio_model
 from tests.tiny_models import calibration_loop, tiny_diffusion_cond

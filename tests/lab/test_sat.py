@@ -137,3 +137,9 @@ def test_sample_is_seeded_batched_and_reports_each_step(tiny_audio):
 def test_decoder_of_a_model_without_pretransform_is_the_identity_on_the_cpu(tiny_audio):
     x = torch.randn(1, 1, 64)
     assert torch.equal(models.decoder(tiny_audio.model)(x), x)
+
+
+def test_a_dit_of_sao_shape_builds_on_the_meta_device_with_saos_parameter_count():
+    dit = models.build_dit(models.SAO_DIT, device="meta")
+    parameters = list(dit.parameters())
+    assert all(p.is_meta for p in parameters) and 1.05e9 < sum(p.numel() for p in parameters) < 1.06e9

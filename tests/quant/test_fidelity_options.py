@@ -234,7 +234,7 @@ def test_alpha_search_is_never_worse_than_half_on_its_calibration_rows(option):
 @pytest.mark.parametrize("smoothing", ["max", "mean"])
 def test_single_copy_sqd_holds_one_weight_copy(smoothing):
     from lab import sat
-    dit = sat.random_dit(sat.SAO_DIT, device="meta")
+    dit = sat.build_dit(sat.SAO_DIT, device="meta")
     recipe = quant.get_recipe("w8a8-sqd", smoothing=smoothing, timestep_groups=1)
     quant.quantize_(dit, recipe, quant.CalibrationStats.placeholder(dit, 4))
     report = quant.memory_report(dit)

@@ -7,9 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import quant
+from quant import kernels
 from quant.lowrank import fit_low_rank
 from quant.primitives import fake_quant_weight, sqnr
 from quant.smooth import smooth_activation, smooth_weight, smoothing_factors
+from tests.quant.conftest import bf16_sqnr_floor, int8_kernel_of
 
 ACTIVATION_METHODS = ("static", "dynamic", "smoothquant", "sqd")
 
@@ -55,18 +57,30 @@ def test_smoothing_flattens_outlier_channels():
     assert ratio(smooth_activation(x, s)) < ratio(x) / 5
 
 
+# two profiles cover both int8 kernels and both compute dtypes (tests/quant/test_kernels.py runs all four per layer)
+@pytest.mark.parametrize("each_profile", ["generic", "vnni-bf16"], indirect=True)
 @pytest.mark.parametrize("method", ACTIVATION_METHODS + ("weight-only",))
 @pytest.mark.parametrize("w_bits", [8, 4])
-@pytest.mark.parametrize("lora_rank", [0, 8])
-def test_integer_path_matches_simulated_within_rounding(method, w_bits, lora_rank):
+def test_integer_path_matches_simulated_within_rounding(each_profile, method, w_bits):
     model, x = toy_model(), outlier_input()
-    sim = quantized_copy(model, recipe(method, w_bits, "simulated", lora_rank=lora_rank), x)
-    integer = quantized_copy(model, recipe(method, w_bits, "integer", lora_rank=lora_rank), x)
+    sim = quantized_copy(model, recipe(method, w_bits, "simulated", lora_rank=8), x)
+    integer = quantized_copy(model, recipe(method, w_bits, "integer", lora_rank=8), x)
     with torch.no_grad():
         y_sim, y_int = sim(x), integer(x)
-    # Same codes and scales; only float summation order differs (and, through it, a rare code of the
-    # second layer's input landing on the other side of a rounding boundary).
-    assert sqnr(y_sim, y_int) > 60
+    ran = {layer._prepared[1] for layer in quant.quantized_layers(integer).values()}  # kernel (and dtype) per layer
+    if method != "weight-only":
+        # Same codes and scales; only float summation order differs (and, through it, a rare code of the
+        # second layer's input landing on the other side of a rounding boundary).
+        assert ran == {int8_kernel_of(each_profile)}
+        assert sqnr(y_sim, y_int) > 60
+    elif not each_profile.native_bf16:
+        assert ran == {("resident", torch.float32)}
+        assert sqnr(y_sim, y_int) > 60
+    else:  # both layers in bf16 (the low-rank branch too, in both backends alike): each rounds x, W and y,
+        # and torch's packed kernels the scales too
+        (kernel, dtype), = ran
+        assert dtype == torch.bfloat16 and kernel in kernels.weight_only_candidates()
+        assert sqnr(y_sim, y_int) > bf16_sqnr_floor(2 * (4 if kernel == "packed" else 3))
 
 
 # SQNR floors (dB) on the toy model with outlier channels, a few dB under what the methods reach.

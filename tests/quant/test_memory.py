@@ -8,7 +8,7 @@ from lab import sat
 
 def sao_shaped_dit():
     """Quantizing on the meta device runs every op for its shapes and dtypes only."""
-    return sat.random_dit(sat.SAO_DIT, device="meta")
+    return sat.build_dit(sat.SAO_DIT, device="meta")
 
 
 def constant_stats(dit, n_timesteps=4):

@@ -1,4 +1,6 @@
-"""lab.study.analysis: numbers checked by hand, post-screening that drops careless raters and keeps good ones."""
+"""lab.study.analysis and report: numbers checked by hand, post-screening that drops careless raters and keeps good
+ones (each with the reason), an exclusion table always written, a plot that opens offline."""
+import ast
 import csv
 import math
 import random
@@ -8,9 +10,13 @@ import time
 import pytest
 from scipy import stats
 
-from lab.study.analysis import analyse, holm, mean_ci
-from lab.study.assignment import trials_for
-from lab.study.store import COLUMNS, RatingsStore
+import lab.study.analysis
+from lab.study.analysis import holm, mean_ci
+from lab.study.raters import record_questionnaire
+from lab.study.report import analyse
+from lab.study.schema import ATTENTION, COLUMNS
+from lab.study.store import RatingsStore
+from tests.lab.study.crowd import Clock, enroll, listing, rate, rate_all, served_study
 from tests.lab.study.fakes import fake_manifest
 
 CONDITIONS = ("hidden-reference", "w8a8-dynamic", "w4a16", "anchor")
@@ -44,11 +50,12 @@ def mushra_rows(raters, test_type="mushra"):
 
 def test_mushra_numbers_match_a_hand_computation(tmp_path):
     attention = [dict(study_id="hand", rater_id=rater, trial_id=f"{rater}-check", test_type="mushra", item=0,
-                      condition=condition, score=score, attention_target=40, attention_answer=score,
+                      condition=condition, score=score, check=ATTENTION, attention_target=40, attention_answer=score,
                       attention_passed=str(passed).lower())
                  for rater, score, passed in (("r1", 40, True), ("a1", 80, False)) for condition in CONDITIONS]
     rows = mushra_rows({**GOOD, **CARELESS, **INATTENTIVE}) + attention
-    report = analyse(write_csv(tmp_path / "ratings.csv", rows), tmp_path / "out")
+    written = analyse(write_csv(tmp_path / "ratings.csv", rows), tmp_path / "out")
+    report = written.results
 
     assert report.raters == 5 and report.kept == ("r1", "r2", "r3")
     reasons = {e.rater_id: e.reasons for e in report.exclusions}
@@ -83,7 +90,7 @@ def test_mushra_numbers_match_a_hand_computation(tmp_path):
     assert item0.prompt == "prompt 0" and item0.means["w4a16"] == pytest.approx((70 + 75 + 50) / 3)
     assert item0.counts["w4a16"] == 3
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert markdown == report.markdown and "failed 1 of 1 attention checks" in markdown and "| w8a8-dynamic | 6 |" in markdown
+    assert markdown == written.markdown and "failed 1 of 1 attention checks" in markdown and "| w8a8-dynamic | 6 |" in markdown
     assert "plotly" in (tmp_path / "out" / "scores.html").read_text()[:100000].lower()
 
 
@@ -114,7 +121,7 @@ def test_ab_cmos_is_the_mean_of_the_condition_rows(tmp_path):
                           score=score, label="B"),
                      dict(study_id="ab", rater_id=rater, trial_id=trial, test_type="ab", item=item, condition="reference",
                           score=-score, label="A")]
-    report = analyse(write_csv(tmp_path / "ab.csv", rows), tmp_path / "out")
+    report = analyse(write_csv(tmp_path / "ab.csv", rows), tmp_path / "out").results
     assert [c.condition for c in report.conditions] == ["w4a16", "w8a8-dynamic"]  # no "reference" row of its own
     for condition, values in scores.items():
         result = report.condition(condition)
@@ -131,7 +138,7 @@ def test_acr_pairs_are_per_rater(tmp_path):
             for k, score in enumerate(values):
                 rows.append(dict(study_id="acr", rater_id=rater, trial_id=f"{rater}{condition}{k}", test_type="acr",
                                  item=k, condition=condition, score=score))
-    report = analyse(write_csv(tmp_path / "acr.csv", rows), tmp_path / "out")
+    report = analyse(write_csv(tmp_path / "acr.csv", rows), tmp_path / "out").results
     differences = [3 - 4.5, 2.5 - 4, 5 - 5]  # r4 never rated the reference
     result = report.condition("w4a16")
     assert result.pairs == 3 and result.p_value == pytest.approx(stats.wilcoxon(differences).pvalue)
@@ -159,7 +166,7 @@ def test_simulated_careless_rater_is_excluded_and_good_raters_kept(tmp_path):
     means = {"hidden-reference": 97, "w8a8-dynamic": 85, "w4a16": 60, "anchor": 20}
     for k in range(9):
         rater = f"good-{k}" if k < 8 else "careless"
-        for index, trial in enumerate(trials_for(manifest, rater)):
+        for index, trial in enumerate(listing(manifest, rater)):
             if rater == "careless":
                 scores = {s.label: rng.uniform(0, 100) for s in trial.rated}
             else:
@@ -168,10 +175,68 @@ def test_simulated_careless_rater_is_excluded_and_good_raters_kept(tmp_path):
                 for s in trial.rated:
                     if s.condition == "hidden-reference":
                         scores[s.label] = 80 if slip else max(90, scores[s.label])
-            store.submit(trial, rater, scores, {s.label: 1 for s in trial.stimuli}, presented_at=time.time() - 30)
-    report = analyse(store.path, tmp_path / "out")
+            scores[max(scores, key=scores.get)] = 100  # BS.1534: one clip at the top of the scale
+            rate(store, trial, rater, time.time, scores=scores)
+    report = analyse(store.path, tmp_path / "out").results
     assert [e.rater_id for e in report.exclusions] == ["careless"]
     assert "hidden reference below 90" in report.exclusions[0].reasons[0]
     assert report.kept == tuple(f"good-{k}" for k in range(8))
     assert report.condition("w4a16").n == 96 and report.condition("w4a16").mean == pytest.approx(60, abs=2)
     assert report.condition("w4a16").p_holm < 0.001 and report.condition("anchor").mean < 30
+
+
+def test_every_rater_excluded_still_writes_the_exclusion_table(tmp_path):
+    rows = mushra_rows(CARELESS)
+    written = analyse(write_csv(tmp_path / "ratings.csv", rows), tmp_path / "out")
+    assert written.results.kept == () and written.results.conditions == ()
+    assert "Every rater was excluded" in written.markdown and "| c1 | rated the hidden reference" in written.markdown
+    assert written.report_path.read_text() == written.markdown
+    with open(written.exclusions_path, newline="") as handle:
+        assert list(csv.reader(handle)) == [["rater_id", "reasons"],
+                                            ["c1", "rated the hidden reference below 90 in 2 of 2 trials (100% > 15%)"]]
+    assert written.plot_path.is_file()
+    kept = analyse(write_csv(tmp_path / "good.csv", mushra_rows(GOOD)), tmp_path / "good")
+    assert kept.exclusions_path.read_text().splitlines() == ["rater_id,reasons"]  # written, empty, when nobody is out
+
+
+def test_the_plot_opens_offline(tmp_path):
+    written = analyse(write_csv(tmp_path / "ratings.csv", mushra_rows(GOOD)), tmp_path / "out")
+    html = written.plot_path.read_text()
+    sources = [node for node in html.split("<script")[1:]]
+    assert sources and not any('src="http' in tag.split(">")[0] or "src='http" in tag.split(">")[0] for tag in sources)
+    assert 'src="plotly.min.js"' in html
+    script = written.plot_path.with_name("plotly.min.js")
+    assert script.stat().st_size > 1_000_000 and b"plotly" in script.read_bytes()[:2000].lower()
+
+
+def test_analysis_does_not_import_the_report():
+    tree = ast.parse(open(lab.study.analysis.__file__, encoding="utf-8").read())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert "lab.study.report" not in imported and "lab.study" not in imported
+
+
+def test_crowd_quality_rules_end_to_end(tmp_path):
+    """A real study flow: gold pages, questionnaire, a careless rater caught by the gold rule only."""
+    clock = Clock()
+    manifest = served_study(tmp_path, test_type="acr", anchor="lowpass-3.5k", gold_pages=1, trials_per_rater=4)
+    store = RatingsStore(manifest, clock=clock)
+    for rater, device in (("careful-1", "headphones"), ("careful-2", "earbuds"), ("careless", "")):
+        enroll(manifest, rater, now=clock())
+        record_questionnaire(manifest.study_dir, rater, {"device": device})
+        if rater != "careless":
+            rate_all(store, rater, clock)
+            continue
+        for trial in listing(manifest, rater):
+            rate(store, trial, rater, clock, scores=5)  # everything excellent: the anchor too
+    written = analyse(store.path, tmp_path / "out")
+    results = written.results
+    assert [(e.rater_id, e.reasons) for e in results.exclusions] == [
+        ("careless", ("rated the low-pass anchor not clearly below the reference on 1 of 1 gold checks",))]
+    assert results.kept == ("careful-1", "careful-2")
+    assert sum(c.n for c in results.conditions) == 2 * 4  # gold pages are not analysed
+    assert results.questionnaire["device"] == {"headphones": 1, "earbuds": 1, "not answered": 1}
+    assert results.listening.pages == 8 and results.listening.listening_s == 1.0
+    assert results.listening.time_on_page_s == 2.0 and results.listening.streams_per_clip == 1.0
+    assert "| device | headphones: 1, earbuds: 1, not answered: 1 |" in written.markdown
+    assert "## Listening" in written.markdown and "gold check" in written.markdown

@@ -8,7 +8,9 @@ import pytest
 import quant
 from lab.study.assignment import rater_view, trials_for
 from lab.study.manifest import Manifest
-from lab.study.raters import rater_number, read_raters
+from lab.study.raters import read_raters, read_records
+from lab.study.schema import GOLD
+from tests.lab.study.crowd import enroll, listing
 from tests.lab.study.fakes import fake_manifest
 
 
@@ -28,7 +30,7 @@ def test_every_condition_equally_often_for_every_number_of_raters(tmp_path, over
     n = manifest.definition.n_items
     counts, cells = Counter(), Counter()
     for k in range(24):
-        trials = trials_for(manifest, f"rater-{k}")
+        trials = listing(manifest, f"rater-{k}")
         items = [t.item for t in trials]
         assert len(set(items)) == len(items)  # nobody hears an item twice
         for t in trials:
@@ -44,27 +46,27 @@ def test_every_condition_equally_often_for_every_number_of_raters(tmp_path, over
 
 def test_full_latin_square_covers_each_cell_once_per_cycle(tmp_path):
     manifest = fake_manifest(tmp_path, test_type="acr")  # 6 items x 3 conditions: 3 raters make one cycle
-    cells = Counter((t.item, t.stimuli[0].condition) for k in range(3) for t in trials_for(manifest, f"r{k}"))
+    cells = Counter((t.item, t.stimuli[0].condition) for k in range(3) for t in listing(manifest, f"r{k}"))
     assert len(cells) == 18 and set(cells.values()) == {1}
     for k in range(3):  # ... and every rater hears every condition twice
-        assert set(Counter(rated_conditions(trials_for(manifest, f"r{k}"))).values()) == {2}
+        assert set(Counter(rated_conditions(listing(manifest, f"r{k}"))).values()) == {2}
 
 
 def test_same_rater_same_list_after_reload(tmp_path):
     manifest = fake_manifest(tmp_path, test_type="mushra", attention_checks=2)
-    first = trials_for(manifest, "alice")
-    trials_for(manifest, "bob")
+    first = listing(manifest, "alice")
+    listing(manifest, "bob")
     reloaded = Manifest(**{f.name: getattr(manifest, f.name) for f in dataclasses.fields(Manifest)})
     assert trials_for(reloaded, "alice") == first
     assert read_raters(manifest.study_dir) == ["alice", "bob"]
     ids = [t.trial_id for t in first]
     assert len(set(ids)) == len(ids) and all(len(i) == 16 for i in ids)
-    assert not set(ids) & {t.trial_id for t in trials_for(manifest, "bob")}
+    assert not set(ids) & {t.trial_id for t in listing(manifest, "bob")}
 
 
 def test_orders_are_shuffled_per_rater(tmp_path):
     manifest = fake_manifest(tmp_path, test_type="mushra", seeds=list(range(1, 7)))  # 12 items
-    lists = [trials_for(manifest, f"r{k}") for k in range(6)]
+    lists = [listing(manifest, f"r{k}") for k in range(6)]
     assert len({tuple(t.item for t in trials) for trials in lists}) > 1  # trial order
     pages = {tuple(s.condition for s in trial.stimuli) for trials in lists for trial in trials}
     assert len(pages) > 5  # stimulus order on the page
@@ -81,7 +83,7 @@ def test_ab_sides_are_randomized_and_balanced(tmp_path):
     manifest = fake_manifest(tmp_path, test_type="ab", seeds=list(range(1, 6)))  # 10 trials per rater
     patterns = set()
     for k in range(8):
-        trials = trials_for(manifest, f"r{k}")
+        trials = listing(manifest, f"r{k}")
         sides = tuple(t.stimuli[0].condition == "reference" for t in trials)  # reference on A?
         assert sum(sides) == 5  # half of each rater's trials
         patterns.add(sides)
@@ -95,7 +97,7 @@ def test_attention_checks_at_random_positions_with_a_target(tmp_path):
     manifest = fake_manifest(tmp_path, test_type="acr", attention_checks=2)
     positions = set()
     for k in range(6):
-        trials = trials_for(manifest, f"r{k}")
+        trials = listing(manifest, f"r{k}")
         assert len(trials) == 8 and [t.index for t in trials] == list(range(8)) and {t.total for t in trials} == {8}
         checks = [t for t in trials if t.is_attention_check]
         assert len(checks) == 2
@@ -103,9 +105,9 @@ def test_attention_checks_at_random_positions_with_a_target(tmp_path):
             assert 1 <= check.attention_target <= 5 and f"answer {check.attention_target}" in check.instructions
         positions.add(tuple(t.index for t in checks))
     assert len(positions) > 1
-    ab = trials_for(fake_manifest(tmp_path / "ab", test_type="ab", attention_checks=1), "x")
+    ab = listing(fake_manifest(tmp_path / "ab", test_type="ab", attention_checks=1), "x")
     assert any(t.attention_target in (-3, -2, -1, 1, 2, 3) for t in ab)
-    mushra = [t for t in trials_for(fake_manifest(tmp_path / "m", test_type="mushra", attention_checks=1), "x")
+    mushra = [t for t in listing(fake_manifest(tmp_path / "m", test_type="mushra", attention_checks=1), "x")
               if t.is_attention_check]
     assert mushra[0].attention_target in (20, 40, 60, 80) and "every slider" in mushra[0].instructions
 
@@ -113,7 +115,7 @@ def test_attention_checks_at_random_positions_with_a_target(tmp_path):
 def test_rater_view_hides_conditions_seeds_and_presets(tmp_path):
     for test_type in ("acr", "ab", "mushra"):
         manifest = fake_manifest(tmp_path / test_type, test_type=test_type, seeds=[987654], attention_checks=1)
-        for trial in trials_for(manifest, "alice"):
+        for trial in listing(manifest, "alice"):
             view = rater_view(trial)
             text = repr(view)
             assert "condition" not in text and "987654" not in text and "hidden" not in text and "anchor" not in text
@@ -125,27 +127,46 @@ def test_rater_view_hides_conditions_seeds_and_presets(tmp_path):
             assert view.scale is trial.scale
 
 
-def test_concurrent_arrivals_get_distinct_dense_numbers(tmp_path):
+def test_concurrent_arrivals_get_distinct_dense_slots(tmp_path):
     manifest = fake_manifest(tmp_path)
-    numbers = {}
     barrier = threading.Barrier(50)
 
     def arrive(i):
         barrier.wait()
-        numbers[i] = rater_number(manifest.study_dir, f"rater-{i}")
+        enroll(manifest, f"rater-{i}")
 
     threads = [threading.Thread(target=arrive, args=(i,)) for i in range(50)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(numbers.values()) == list(range(50))
-    assert read_raters(manifest.study_dir) == [f"rater-{i}" for i in sorted(numbers, key=numbers.get)]
-    assert all(rater_number(manifest.study_dir, f"rater-{i}") == numbers[i] for i in range(50))
+    slots = {rater: record["slot"] for rater, record in read_records(manifest.study_dir).items()}
+    assert sorted(slots.values()) == list(range(50)) and len(slots) == 50
+    assert read_raters(manifest.study_dir) == sorted(slots, key=slots.get)  # arrival order
 
 
-@pytest.mark.parametrize("rater_id, message", [("", "participant id"), ("   ", "participant id"),
-                                               ("x" * 65, "at most 64")])
-def test_bad_rater_ids(tmp_path, rater_id, message):
-    with pytest.raises(ValueError, match=message):
-        trials_for(fake_manifest(tmp_path), rater_id)
+def test_rater_ids_from_a_link(tmp_path):
+    manifest = fake_manifest(tmp_path)
+    with pytest.raises(ValueError, match="at most 64"):
+        enroll(manifest, "x" * 65)
+    for blank in ("", "   "):  # no id in the link: an anonymous rater
+        assert enroll(manifest, blank).rater_id.startswith("anon-")
+    assert enroll(manifest, "  two\nlines ").rater_id == "two lines"
+
+
+@pytest.mark.parametrize("test_type, pages_per_check, conditions", [
+    ("mushra", 1, {"hidden-reference", "w8a8-dynamic", "w4a16", "anchor"}),
+    ("ab", 1, {"reference", "anchor"}),
+    ("acr", 2, {"reference", "anchor"}),
+])
+def test_gold_pages_put_the_anchor_against_the_reference(tmp_path, test_type, pages_per_check, conditions):
+    manifest = fake_manifest(tmp_path, test_type=test_type, anchor="lowpass-3.5k", gold_pages=2, trials_per_rater=3)
+    trials = listing(manifest, "gail")
+    gold = [t for t in trials if t.check == GOLD]
+    assert len(trials) == 3 + 2 * pages_per_check and len(gold) == 2 * pages_per_check
+    assert len({t.item for t in gold}) == 2  # one item per check ...
+    assert not {t.item for t in gold} & {t.item for t in trials if t.check != GOLD}  # ... not rated otherwise
+    for item in {t.item for t in gold}:
+        assert {s.condition for t in gold if t.item == item for s in t.rated} == conditions
+    assert not any(t.is_attention_check for t in gold) and {t.index for t in trials} == set(range(len(trials)))
+    assert len({t.trial_id for t in trials}) == len(trials)

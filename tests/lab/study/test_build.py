@@ -16,9 +16,12 @@ from lab.audio import integrated_loudness
 from lab.quantized import QuantizedModels
 from lab.sat import ModelGuide
 from lab.study import blinding
-from lab.study.build import build_study
+from lab.study.__main__ import main as study_main
+from lab.study.build import build_study, estimate_build
 from lab.study.definition import StudyDefinition
+from lab.study.health import check_study
 from lab.study.manifest import StudyError, load_manifest
+from tests.lab.study.crowd import enroll
 
 REPO = Path(__file__).resolve().parents[3]
 DEFINITION = StudyDefinition(study_id="tiny-mushra", title="Tiny MUSHRA", test_type="mushra",
@@ -140,9 +143,11 @@ def test_damaged_or_missing_files_are_reported_and_rebuilt(built, tiny_audio, mo
     data[1000] ^= 0xFF
     path.write_bytes(bytes(data))
     (study_dir / "stimuli" / missing.file).unlink()
+    health = check_study(copy, DEFINITION.study_id)  # what the experimenter's views show
     with pytest.raises(StudyError) as error:
         load_manifest(study_dir)
     message = str(error.value)
+    assert health.problem == message and health.manifest.items == built.items and not health.ok
     assert f"1 stimulus file(s) missing: {missing.file} (item 1, reference)" in message
     assert f"damaged (sha256 differs from the manifest): {damaged.file} (item 0, w8a8-dynamic)" in message
     assert "Run the same build command again" in message
@@ -150,6 +155,11 @@ def test_damaged_or_missing_files_are_reported_and_rebuilt(built, tiny_audio, mo
     build_study(DEFINITION, tiny_audio, models, copy, progress=False)
     assert load_manifest(study_dir).to_dict() == built.to_dict()
     assert path.read_bytes() == built.path(damaged).read_bytes()
+    assert check_study(copy, DEFINITION.study_id).ok
+    path.write_bytes(bytes(data))  # damaged again after it verified: seen at the next check
+    assert damaged.file in check_study(copy, DEFINITION.study_id).problem
+    unreadable = check_study(copy, "no-such-study")
+    assert unreadable.manifest is None and "No study at" in unreadable.problem
 
 
 def test_unknown_study_and_foreign_folders(tmp_path, built, tiny_audio, models, copy):
@@ -167,10 +177,10 @@ def test_unknown_study_and_foreign_folders(tmp_path, built, tiny_audio, models, 
 
 
 def test_definitions_the_model_cannot_serve(tiny_audio, models, tmp_path):
+    """Refused before anything is written; the request checks are Compare's (tests/lab/test_requests.py)."""
     too_long = StudyDefinition(**{**DEFINITION.to_dict(), "seconds": 30.0})
     with pytest.raises(ValueError, match="Seconds must be between 0.5 and 2.048"):
         build_study(too_long, tiny_audio, models, tmp_path, progress=False)
-    assert not (tmp_path / DEFINITION.study_id).exists()  # refused before anything is written
     with pytest.raises(ValueError, match="rank 2 / world_size 2"):
         build_study(DEFINITION, tiny_audio, models, tmp_path, rank=2, world_size=2)
     # a model whose generation.json validates v-ddim only: a study cannot be built with another sampler
@@ -179,6 +189,31 @@ def test_definitions_the_model_cannot_serve(tiny_audio, models, tmp_path):
     with pytest.raises(ValueError, match="validated for the samplers v-ddim only"):
         build_study(unvalidated, guided, models, tmp_path, progress=False)
     assert not (tmp_path / DEFINITION.study_id).exists()
+
+
+def test_the_estimate_counts_clips_files_and_bytes_and_holds_back_large_builds(tiny_audio, models, tmp_path):
+    estimate = estimate_build(DEFINITION, tiny_audio, models)
+    assert (estimate.items, estimate.clips, estimate.files) == (2, 2 * 3, 2 * 5)  # reference + 2 conditions;
+    # the hidden reference and the anchor are written, not generated
+    assert estimate.file_bytes == 44 + 8 + blinding.JUNK_SIZE + 2 * round(0.5 * 16000)  # 16-bit mono WAV
+    assert estimate.seconds_per_clip > 0 and "6 clips to generate" in estimate.describe()
+    estimate.check_confirmed(False, "tick the box")  # small: no confirmation needed
+    huge = estimate_build(dataclasses.replace(DEFINITION, seeds=tuple(range(100_000))), tiny_audio, models)
+    assert huge.large and huge.clips == 600_000
+    with pytest.raises(ValueError, match=r"This study is large: .*600000 clips.*Confirm it \(tick the box\)"):
+        huge.check_confirmed(False, "tick the box")
+    huge.check_confirmed(True, "tick the box")
+
+
+def test_the_cli_says_the_estimate_and_wants_yes_for_a_large_study(tiny_audio_files, tmp_path, capsys):
+    config, ckpt = tiny_audio_files
+    definition = tmp_path / "definition.json"
+    definition.write_text(dataclasses.replace(DEFINITION, seeds=tuple(range(100_000))).to_json())
+    args = ["build", str(definition), "--model-config", str(config), "--ckpt-path", str(ckpt), "--root",
+            str(tmp_path / "studies"), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    with pytest.raises(SystemExit, match="This study is large.*add --yes"):
+        study_main(args)
+    assert "200000 items x 3 clips" in capsys.readouterr().err and not (tmp_path / "studies").exists()
 
 
 def _cli_build(args, root, env):
@@ -231,9 +266,11 @@ def test_cli_show_and_analyse(copy, capsys):
     manifest = load_manifest(study_dir)
     store = RatingsStore(manifest)
     for k in range(3):
+        enroll(manifest, f"rater-{k}")
         for trial in trials_for(manifest, f"rater-{k}"):
-            scores = {s.label: 95 if s.condition == "hidden-reference" else 50 + 10 * k for s in trial.rated}
-            store.submit(trial, f"rater-{k}", scores, {s.label: 1 for s in trial.stimuli}, presented_at=time.time())
+            scores = {s.label: 100 if s.condition == "hidden-reference" else 50 + 10 * k for s in trial.rated}
+            heard = {s.label: 1 for s in trial.stimuli}
+            store.submit(trial, f"rater-{k}", scores, heard, presented_at=time.time() - 60, streamed=heard)
     main(["show", str(study_dir)])
     shown = capsys.readouterr().out
     assert "tiny-mushra: Tiny MUSHRA" in shown and "raters     3 registered, 24 rating rows" in shown

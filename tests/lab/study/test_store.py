@@ -1,4 +1,5 @@
-"""lab.study.store: validated, whole, formula-proof rows under concurrency; nothing written for a bad page."""
+"""lab.study.store: validated, whole, formula-proof rows under concurrency; nothing written for a bad page; a page
+counts only when the server streamed every clip and the rater spent the clips' playing time on it."""
 import csv
 import dataclasses
 import multiprocessing
@@ -7,8 +8,12 @@ import time
 
 import pytest
 
+from lab.study import store as store_module
 from lab.study.assignment import trials_for
-from lab.study.store import COLUMNS, RatingsStore
+from lab.study.raters import read_records
+from lab.study.schema import COLUMNS
+from lab.study.store import RatingsStore
+from tests.lab.study.crowd import answer, enroll, listing
 from tests.lab.study.fakes import fake_manifest
 
 
@@ -16,22 +21,17 @@ def plays_for(trial, count=1):
     return {s.label: count for s in trial.stimuli}
 
 
-def good_scores(trial):
-    if trial.test_type == "mushra":
-        return {s.label: trial.attention_target or 70 for s in trial.rated}
-    return trial.attention_target if trial.is_attention_check else (4 if trial.test_type == "acr" else 1)
-
-
 def submit(store, trial, rater, **kwargs):
-    kwargs.setdefault("presented_at", time.time() - 12.5)
-    return store.submit(trial, rater, kwargs.pop("scores", good_scores(trial)), kwargs.pop("plays", plays_for(trial)),
+    kwargs.setdefault("presented_at", time.time() - kwargs.pop("shown_ago", 12.5))
+    kwargs.setdefault("streamed", plays_for(trial))
+    return store.submit(trial, rater, kwargs.pop("scores", answer(trial)), kwargs.pop("plays", plays_for(trial)),
                         **kwargs)
 
 
 def test_acr_rows_and_progress(tmp_path):
     manifest = fake_manifest(tmp_path, test_type="acr", attention_checks=1)
     store = RatingsStore(manifest)
-    trials = trials_for(manifest, "alice")
+    trials = listing(manifest, "alice")
     assert store.progress("alice").remaining == tuple(trials)
     result = submit(store, trials[0], "alice", session_id="s-1", scores=trials[0].attention_target or 3)
     assert result.rows == 1 and result.message is None
@@ -53,7 +53,7 @@ def test_acr_rows_and_progress(tmp_path):
 def test_ab_rows_mirror_the_one_answer(tmp_path):
     manifest = fake_manifest(tmp_path, test_type="ab")
     store = RatingsStore(manifest)
-    trial = trials_for(manifest, "bob")[0]
+    trial = listing(manifest, "bob")[0]
     submit(store, trial, "bob", scores=-2)
     rows = {r["label"]: r for r in store.read()}
     assert rows["A"]["score"] == "2" and rows["B"]["score"] == "-2"  # negative numbers stay numbers
@@ -63,12 +63,13 @@ def test_ab_rows_mirror_the_one_answer(tmp_path):
 def test_mushra_rows_one_per_rated_clip(tmp_path):
     manifest = fake_manifest(tmp_path, test_type="mushra", attention_checks=1)
     store = RatingsStore(manifest)
-    trials = trials_for(manifest, "carol")
+    trials = listing(manifest, "carol")
     check = next(t for t in trials if t.is_attention_check)
     submit(store, check, "carol", scores={s.label: check.attention_target + 3 for s in check.rated})
     regular = next(t for t in trials if not t.is_attention_check)
     scores = {s.label: 10.0 * i for i, s in enumerate(regular.rated)}
     scores[regular.rated[0].label] = 33.25
+    scores[regular.rated[-1].label] = 100
     submit(store, regular, "carol", scores=scores)
     rows = store.read()
     assert len(rows) == 2 * len(regular.rated)  # the open reference is heard, not rated
@@ -80,7 +81,7 @@ def test_mushra_rows_one_per_rated_clip(tmp_path):
 def test_failed_attention_check_is_recorded(tmp_path):
     manifest = fake_manifest(tmp_path, test_type="acr", attention_checks=1)
     store = RatingsStore(manifest)
-    check = next(t for t in trials_for(manifest, "dave") if t.is_attention_check)
+    check = next(t for t in listing(manifest, "dave") if t.is_attention_check)
     wrong = 1 if check.attention_target != 1 else 2
     submit(store, check, "dave", scores=wrong)
     row = store.read()[0]
@@ -89,23 +90,32 @@ def test_failed_attention_check_is_recorded(tmp_path):
 
 
 @pytest.mark.parametrize("test_type, change, message", [
-    ("acr", dict(plays={}), "not played yet: A"),
-    ("mushra", dict(plays={"1": 1, "2": 2, "3": 1, "4": 1}), "not played yet: Reference"),
+    ("acr", dict(streamed={}), "not played yet: A"),
+    ("acr", dict(streamed=None, plays={"A": 3}), "not played yet: A"),  # the page's own count proves nothing
+    ("mushra", dict(streamed={"1": 1, "2": 2, "3": 1, "4": 1}), "not played yet: Reference"),
+    ("mushra", dict(shown_ago=4.5), "take 5 s to play"),  # 5 clips of 1 s, the reference once
+    ("acr", dict(shown_ago=0.5), "take 1 s to play"),
+    ("mushra", dict(scores={"1": 0, "2": 0, "3": 0, "4": 0}), "Rate at least one clip 100"),
+    ("mushra", dict(scores={"1": 100, "2": None, "3": 50, "4": None}), "not moved yet: 2, 4"),
+    ("mushra", dict(scores={"1": 100, "2": "50", "3": 50, "4": 50}), "numbers from 0 to 100; check clip 2 "
+                                                                      "\\(got the text '50', not a number\\)"),
+    ("acr", dict(scores="4"), "whole number from 1 to 5 \\(got the text '4', not a number\\)"),
+    ("ab", dict(scores=[1]), "from -3 to 3 \\(got list, not a number\\)"),
     ("acr", dict(scores=6), "whole number from 1 to 5"),
     ("acr", dict(scores=3.5), "whole number from 1 to 5"),
     ("acr", dict(scores=True), "whole number from 1 to 5"),
     ("acr", dict(scores={"A": 3}), "Choose one rating"),
     ("ab", dict(scores=-4), "from -3 to 3"),
-    ("mushra", dict(scores={"1": 50, "2": 50, "3": 50}), "not rated yet: 4"),
-    ("mushra", dict(scores={"1": 50, "2": 50, "3": 50, "4": 101}), "from 0 to 100; check clip 4"),
+    ("mushra", dict(scores={"1": 100, "2": 50, "3": 50}), "not moved yet: 4"),
+    ("mushra", dict(scores={"1": 100, "2": 50, "3": 50, "4": 101}), "from 0 to 100; check clip 4"),
     ("mushra", dict(scores={"1": 50, "2": 50, "3": 50, "4": 50, "9": 1}), "not on this page"),
     ("mushra", dict(scores=50), "slider"),
-    ("acr", dict(presented_at=time.time() + 3600), "presentation time"),
+    ("acr", dict(shown_ago=-3600), "presentation time"),
 ])
 def test_bad_submissions_write_nothing(tmp_path, test_type, change, message):
     manifest = fake_manifest(tmp_path, test_type=test_type)
     store = RatingsStore(manifest)
-    trial = trials_for(manifest, "erin")[0]
+    trial = listing(manifest, "erin")[0]
     with pytest.raises(ValueError, match=message):
         submit(store, trial, "erin", **change)
     assert not store.path.exists() and store.progress("erin").done == frozenset()
@@ -114,12 +124,12 @@ def test_bad_submissions_write_nothing(tmp_path, test_type, change, message):
 def test_foreign_and_repeated_trials_are_refused(tmp_path):
     manifest = fake_manifest(tmp_path)
     store = RatingsStore(manifest)
-    mine, theirs = trials_for(manifest, "frank")[0], trials_for(manifest, "grace")[0]
+    mine, theirs = listing(manifest, "frank")[0], listing(manifest, "grace")[0]
     with pytest.raises(ValueError, match="not in your list"):
         submit(store, theirs, "frank")
     emptied = dataclasses.replace(mine, stimuli=())  # a client cannot shrink the page: the server's copy counts
     with pytest.raises(ValueError, match="not played yet: A"):
-        store.submit(emptied, "frank", 3, {}, presented_at=time.time())
+        store.submit(emptied, "frank", 3, {}, presented_at=time.time(), streamed={})
     submit(store, mine, "frank")
     before = store.path.read_bytes()
     with pytest.raises(ValueError, match="already rated"):
@@ -133,7 +143,7 @@ def test_free_text_is_bounded_and_formula_proof(tmp_path):
     manifest = fake_manifest(tmp_path)
     store = RatingsStore(manifest)
     rater = "=HYPERLINK(1)"
-    trial = trials_for(manifest, rater)[0]
+    trial = listing(manifest, rater)[0]
     result = submit(store, trial, rater, session_id="+1-555", comment="@SUM(A1)\nsecond line " + "x" * 900)
     assert "cut to its first 500 characters" in result.message
     row = store.read()[0]
@@ -145,7 +155,7 @@ def test_free_text_is_bounded_and_formula_proof(tmp_path):
 
 
 def _expected_rows(manifest, rater):
-    return sum(len(t.rated) for t in trials_for(manifest, rater))
+    return sum(len(t.rated) for t in listing(manifest, rater))
 
 
 def test_fifty_concurrent_raters_lose_and_tear_nothing(tmp_path):
@@ -156,7 +166,7 @@ def test_fifty_concurrent_raters_lose_and_tear_nothing(tmp_path):
 
     def rate(i):
         rater = f"rater-{i:02d} " + "y" * 40
-        trials = trials_for(manifest, rater)
+        trials = listing(manifest, rater)
         barrier.wait()
         try:
             for trial in trials:
@@ -180,7 +190,7 @@ def test_fifty_concurrent_raters_lose_and_tear_nothing(tmp_path):
 def _rate_in_process(manifest, i):
     store = RatingsStore(manifest)
     rater = f"proc-{i:02d}"
-    for trial in trials_for(manifest, rater):
+    for trial in listing(manifest, rater):
         submit(store, trial, rater)
 
 
@@ -207,7 +217,7 @@ def test_fifty_processes_share_the_file_safely(tmp_path):
     assert all(len(line) == len(COLUMNS) for line in lines)
     assert sorted({line[1] for line in lines[1:]}) == [f"proc-{i:02d}" for i in range(50)]
     # ten processes submitting the same page at once: exactly one is stored
-    trial = trials_for(manifest, "shared")[0]
+    trial = listing(manifest, "shared")[0]
     results = context.Queue()
     racers = [context.Process(target=_same_trial_in_process, args=(manifest, trial, results)) for _ in range(10)]
     for process in racers:
@@ -216,3 +226,32 @@ def test_fifty_processes_share_the_file_safely(tmp_path):
         process.join()
     assert sorted(results.get() for _ in range(10)) == ["ok"] + ["refused"] * 9
     assert sum(r["rater_id"] == "shared" for r in RatingsStore(manifest).read()) == 2
+
+
+def test_rows_record_how_the_page_was_heard_and_the_last_page_finishes_the_rater(tmp_path, monkeypatch):
+    manifest = fake_manifest(tmp_path, test_type="mushra", trials_per_rater=2)
+    store = RatingsStore(manifest)
+    trials = listing(manifest, "lena")
+    assignments = []
+    monkeypatch.setattr(store_module, "trials_for", lambda *a, **k: assignments.append(a) or trials_for(*a, **k))
+    submit(store, trials[0], "lena", plays={"Reference": 3, "1": 2, "2": 1, "3": 1, "4": 1},
+           streamed={"Reference": 2, "1": 1, "2": 1, "3": 1, "4": 1}, presented_at=time.time() - 9)
+    assert len(assignments) == 1  # one assignment per submit, not one per check
+    rows = {row["label"]: row for row in store.read()}
+    assert (rows["1"]["play_count"], rows["1"]["stream_count"], rows["1"]["listening_s"]) == ("2", "1", "5.0")
+    assert 9 <= float(rows["1"]["time_on_page_s"]) < 11 and rows["1"]["check"] == ""
+    assert read_records(manifest.study_dir)["lena"]["finished_at"] is None
+    submit(store, trials[1], "lena")
+    assert read_records(manifest.study_dir)["lena"]["finished_at"] is not None
+
+
+def test_an_expired_rater_can_no_longer_submit(tmp_path):
+    manifest = fake_manifest(tmp_path, abandon_minutes=10)
+    store = RatingsStore(manifest)
+    enroll(manifest, "slow", now=time.time() - 11 * 60)
+    trial = trials_for(manifest, "slow", now=time.time() - 10 * 60)[0]
+    with pytest.raises(ValueError, match="This session has expired"):
+        submit(store, trial, "slow")
+    with pytest.raises(ValueError, match="not valid for you"):  # never registered
+        submit(store, trial, "stranger")
+    assert not store.path.exists()
