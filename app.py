@@ -6,7 +6,7 @@ Studies, Results).
 Layouts live in `lab/ui/`, the work in `lab/`; this file wires them together.
 
     ptq-lab [--model REPO | --model-config JSON --ckpt-path CKPT] [--quantized FILE] [--calibration-stats FILE]
-            [--host H] [--port N]
+            [--host H] [--port N] [--forwarded-allow-ips PROXY]
 """
 from __future__ import annotations
 
@@ -43,7 +43,19 @@ def parse_args(argv=None, settings: Settings | None = None) -> argparse.Namespac
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="address to listen on (0.0.0.0 for every interface; default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--forwarded-allow-ips", default=settings.forwarded_allow_ips, metavar="PROXY",
+                        help="address(es) of the reverse proxy in front of the app, comma-separated: only their "
+                             "X-Forwarded-For names the client (registration limits, login throttle); default: "
+                             "$LAB_FORWARDED_ALLOW_IPS, else none (the connection's own address counts)")
     return parser.parse_args(argv)
+
+
+def uvicorn_options(args: argparse.Namespace) -> dict:
+    """How `main` runs uvicorn. X-Forwarded-For is ignored unless a proxy is named: uvicorn would otherwise trust
+    it from 127.0.0.1, and any program on the same host could pick the address the per-address limits count."""
+    proxies = args.forwarded_allow_ips
+    return {"host": args.host, "port": args.port, "log_level": "warning", "proxy_headers": bool(proxies),
+            "forwarded_allow_ips": proxies or None}
 
 
 def gpu_wrapper():
@@ -100,7 +112,7 @@ def main(argv=None) -> None:
     server = build_server(lab, studies, admin_password=password, concurrency_limit=settings.concurrency_limit)
     log.info("listening test: http://%s:%d/?study=ID · experimenter console: http://%s:%d%s (user %s)",
              args.host, args.port, args.host, args.port, ADMIN_PATH, ADMIN_USER)
-    uvicorn.run(server, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(server, **uvicorn_options(args))
 
 
 if __name__ == "__main__":

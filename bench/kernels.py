@@ -23,7 +23,7 @@ def layer_paths(tokens: int, k: int, n: int) -> dict:
     import torch.nn.functional as F
 
     from quant import kernels
-    from quant.primitives import pack_int4, quantize_weight
+    from quant.primitives import pack_int4, quantize_weight, unpack_int4
 
     g = torch.Generator().manual_seed(k + n)
     x = torch.randn(tokens, k, generator=g)
@@ -34,10 +34,12 @@ def layer_paths(tokens: int, k: int, n: int) -> dict:
     codes4, scale4 = quantize_weight(w, 4)
     act_scale = x.abs().amax() / 127
     paths = {"fp32 F.linear": lambda: F.linear(x, w, bias), "bf16 F.linear": lambda: F.linear(x16, w16, bias16)}
-    for bits, stored, scale in ((8, codes8, scale8), (4, pack_int4(codes4), scale4)):
+    stored4 = pack_int4(codes4)
+    stored_codes = {8: lambda: codes8, 4: lambda: unpack_int4(stored4)}  # "dequant" pays the unpacking per call
+    for bits, scale in ((8, scale8), (4, scale4)):
         for path in ("resident", "dequant", "packed"):
             dtype = kernels.weight_only_dtype(path, "cpu", torch.float32)
-            prepared = kernels.WeightOnlyWeight(stored, scale, bits, path, dtype)
+            prepared = kernels.WeightOnlyWeight(stored_codes[bits], scale, bits, path, dtype)
             paths[f"W{bits}A16 {path} ({str(dtype).removeprefix('torch.')})"] = \
                 lambda p=prepared: p.linear(x, bias)
     int8_kernels = ["int_mm"] + (["onednn"] if kernels.onednn_available() else [])

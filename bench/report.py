@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from bench.config import FLOAT_ROWS
-from bench.targets import linear_bound
+from bench.targets import int8_limits, linear_bound, profile_name
 from bench.torchao import torchao_markdown
 
 NOTES = [
@@ -35,6 +35,23 @@ def _fmt(value, spec: str = ".2f", dash: str = "–") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return dash
     return format(value, spec)
+
+
+def _int8_limit_lines(rows: dict, machine: dict) -> list[str]:
+    """The int8 limit this run's CPU profile implies (bench.targets.int8_limits) and how close each recipe comes."""
+    limits = int8_limits(rows, profile_name(machine))
+    if not limits:
+        return []
+    base = limits["base"]
+    lines = ["", f"Int8 limit on this processor kind ({limits['profile']}: int8 peak {limits['peak']:.0f}x {base} "
+                 f"per cycle). In the {base} forward, linears take {limits['linear_share']:.1%} and attention's own "
+                 f"computation {limits['attention_share']:.1%}: int8 linears at peak allow "
+                 f"{limits['linears_at_peak']:.2f}x {base} (free linears {limits['linears_free']:.2f}x); with "
+                 f"attention's matmuls in int8 too, {limits['linears_attention_at_peak']:.2f}x (both free "
+                 f"{limits['linears_attention_free']:.2f}x).", "",
+             f"| recipe | x {base} | of the int8-linears limit |", "|---|---:|---:|"]
+    lines += [f"| {name} | {r['x_base']:.2f} | {r['of_limit']:.0%} |" for name, r in limits["recipes"].items()]
+    return lines
 
 
 def markdown_report(results: dict) -> str:
@@ -84,6 +101,7 @@ def markdown_report(results: dict) -> str:
                       f"would reach {bound['free_linears_x_fp32']:.2f}x fp32 at most; W8A8 static's forward implies "
                       f"linears at {_fmt(bound['w8a8_static_linears_x_fp32'], '.2f')}x fp32 (VNNI's int8 peak is "
                       "~4x fp32 per cycle)."]
+    lines += _int8_limit_lines(rows, machine)
     lines += ["", "## Targets", "", "| target | measured | threshold | result |", "|---|---:|---:|---|"]
     for t in results["targets"]:
         lines.append(f"| {t['target']} | {_fmt(t['value'], '.3f')} | {t['op']} {t['threshold']} | "

@@ -19,6 +19,8 @@ import quant
 from bench.config import FLOAT_ROWS, SAO_CFG_SCALE, BenchConfig, as_recipe, with_progress
 from bench.machine import interleaved_median_seconds, median_seconds
 from bench.random_models import random_dit
+from quant.attention import attention_modules
+from quant.kernels import native_bf16
 
 
 def memory_columns(report: quant.MemoryReport) -> dict:
@@ -49,6 +51,15 @@ def variant_of_dit(dit: nn.Module, row: str | quant.Recipe, stats: quant.Calibra
     model = copy.deepcopy(dit)
     quant.quantize_(model, recipe, stats if recipe.needs_calibration else None)
     return model
+
+
+def in_compute_dtype(model: nn.Module, recipe: quant.Recipe) -> nn.Module:
+    """A weight-only ("A16") model as it runs fastest: on a processor with native bf16, the whole DiT in bf16 like
+    the bf16 row, its linears multiplying bf16 activations by their resident or packed weight with no cast around
+    them (the scales stay float32); elsewhere as it is (fp32 activations are faster there)."""
+    if recipe.quantizes_activations or not native_bf16():
+        return model
+    return model.to(torch.bfloat16)
 
 
 def forward_inputs(shape: dict, latent_tokens: int, cond_tokens: int, seed: int = 0):
@@ -87,7 +98,8 @@ def speed_at_shape(cfg: BenchConfig):
             float_runs[row] = [seconds(variant_of_dit(dit, row, stats), cfg.reps)]
             timing = {"float_s": float_runs[row][0]}
         else:
-            timing = paired_with_fp32(variant_of_dit(dit, as_recipe(row).replace(backend="integer"), stats), cfg.reps)
+            recipe = as_recipe(row).replace(backend="integer")
+            timing = paired_with_fp32(in_compute_dtype(variant_of_dit(dit, recipe, stats), recipe), cfg.reps)
             if "simulated" in timed_backends(row):
                 timing["simulated_s"] = seconds(variant_of_dit(dit, as_recipe(row).replace(backend="simulated"), stats),
                                                 cfg.simulated_reps)
@@ -95,40 +107,61 @@ def speed_at_shape(cfg: BenchConfig):
         yield row, timing
     # The baselines again at the end: on a shared machine a busy moment can slow one measurement, and the
     # faster of the two makes every speed-up conservative.
-    share = linear_time_share(dit, lambda: dit(x, t, **kwargs), cfg.reps)
+    # and the share of each float forward that linears and attention take: the int8 limits (bench.targets)
     for row in FLOAT_ROWS:
-        float_runs[row].append(seconds(variant_of_dit(dit, row, stats), cfg.reps))
+        model = variant_of_dit(dit, row, stats)
+        float_runs[row].append(seconds(model, cfg.reps))
+        shares = time_shares(model, lambda m=model: m(x, t, **kwargs), cfg.reps)
         yield row, {"float_s": min(float_runs[row]), "float_s_start_end": float_runs[row],
-                    **({"linear_share": share} if row == "fp32" else {})}
+                    "linear_share": shares["linear"], "attention_share": shares["attention"]}
+
+
+def linear_time_share(dit: nn.Module, forward, reps: int) -> float:
+    """Median share of a float forward's time spent inside the linear layers the W8A8 presets quantize: it bounds
+    what quantizing linears can buy (see `time_shares`)."""
+    return time_shares(dit, forward, reps)["linear"]
 
 
 @torch.no_grad()
-def linear_time_share(dit: nn.Module, forward, reps: int) -> float:
-    """Median share of a float forward's time spent inside the linear layers the W8A8 presets quantize (timed
-    with forward hooks). It bounds what quantizing linears can buy: the rest of the forward (attention, norms,
-    rotary embeddings) runs in float whatever the recipe."""
-    targets = {id(layer) for layer in quant.quantization_targets(dit, quant.get_recipe("w8a8-static")).values()}
-    started, inside = {}, [0.0]
+def time_shares(dit: nn.Module, forward, reps: int) -> dict[str, float]:
+    """Median shares of a float forward's time (timed with forward hooks): "linear", inside the linear layers
+    the W8A8 presets quantize; "attention", inside the attention modules minus the linears within them (QK^T,
+    softmax, PV, rotary embeddings, head reshapes). They bound what quantizing each can buy: the rest of the
+    forward (norms, feed-forward activations, embeddings) runs in float whatever the recipe."""
+    linears = {id(layer) for layer in quant.quantization_targets(dit, quant.get_recipe("w8a8-static")).values()}
+    attentions = {id(m) for m in attention_modules(dit)}
+    started, inside = {}, {"linear": 0.0, "attention": 0.0}
+    depth = [0]  # attention modules entered and not left: linears inside them are not attention time
 
     def before(module, args):
+        depth[0] += id(module) in attentions
         started[id(module)] = time.perf_counter()
 
     def after(module, args, output):
-        inside[0] += time.perf_counter() - started[id(module)]
+        elapsed = time.perf_counter() - started[id(module)]
+        if id(module) in attentions:
+            depth[0] -= 1
+            inside["attention"] += elapsed
+        else:
+            inside["linear"] += elapsed
+            inside["attention"] -= elapsed if depth[0] else 0.0
 
-    handles = [h for m in dit.modules() if id(m) in targets
+    handles = [h for m in dit.modules() if id(m) in linears | attentions
                for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
     try:
         forward()  # warm-up
-        shares = []
+        shares = {"linear": [], "attention": []}
         for _ in range(reps):
-            inside[0], start = 0.0, time.perf_counter()
+            inside.update(linear=0.0, attention=0.0)
+            start = time.perf_counter()
             forward()
-            shares.append(inside[0] / (time.perf_counter() - start))
+            total = time.perf_counter() - start
+            for kind in shares:
+                shares[kind].append(inside[kind] / total)
     finally:
         for handle in handles:
             handle.remove()
-    return statistics.median(shares)
+    return {kind: statistics.median(values) for kind, values in shares.items()}
 
 
 def timed_backends(row: str) -> tuple[str, ...]:

@@ -60,6 +60,48 @@ def linear_bound(rows: dict) -> dict | None:
     return {"linear_share": share, "free_linears_x_fp32": 1 / (1 - share), "w8a8_static_linears_x_fp32": implied}
 
 
+# Per CPU profile (quant.kernels.PROFILES): the int8 GEMM's peak multiply-adds per cycle over those of the fastest
+# float GEMM of that kind of processor, and which float that is. VNNI's vpdpbusd does 64 int8 multiply-adds per
+# 512-bit instruction, an fp32 FMA 16 and AVX512-BF16's vdpbf16ps 32; AMX's int8 tiles do twice its bf16 tiles'.
+# A processor without an int8 dot product ("generic") has no int8 limit above its float one to state.
+INT8_PEAK = {"vnni": (4.0, "fp32"), "vnni-bf16": (2.0, "bf16"), "amx": (2.0, "bf16")}
+
+
+def profile_name(machine: dict) -> str:
+    """The CPU profile's name from bench.machine's "cpu_profile" ("vnni-bf16, detected: VNNI yes, ...")."""
+    return machine.get("cpu_profile", "").split(",")[0].split(":")[0].strip()
+
+
+def int8_limits(rows: dict, profile: str) -> dict | None:
+    """The speed-up over the profile's fastest float forward that int8 can reach, from that forward's shares
+    (bench.shape.time_shares): with int8 linears at the profile's int8 peak (INT8_PEAK), and with attention's
+    matmuls in int8 as well, each also with those parts free; and per recipe timed, its speed-up over that float
+    row and the share of the linears-at-peak limit it reaches. None where the profile has no int8 peak or the
+    float row has no shares."""
+    if profile not in INT8_PEAK:
+        return None
+    peak, base = INT8_PEAK[profile]
+    speed = rows.get(base, {}).get("speed", {})
+    linear, attention, base_seconds = speed.get("linear_share"), speed.get("attention_share"), row_seconds(rows, base)
+    if linear is None or attention is None or not base_seconds:
+        return None
+
+    def bound(share, factor):
+        return 1 / ((1 - share) + share / factor)
+
+    limits = {"profile": profile, "peak": peak, "base": base, "linear_share": linear, "attention_share": attention,
+              "linears_at_peak": bound(linear, peak), "linears_free": bound(linear, math.inf),
+              "linears_attention_at_peak": bound(linear + attention, peak),
+              "linears_attention_free": bound(linear + attention, math.inf)}
+    recipes = {}
+    for name, row in rows.items():
+        seconds = row.get("speed", {}).get("integer_s") and row_seconds(rows, name)
+        if seconds:
+            recipes[name] = {"x_base": base_seconds / seconds,
+                             "of_limit": base_seconds / seconds / limits["linears_at_peak"]}
+    return {**limits, "recipes": recipes}
+
+
 def check_targets(rows: dict[str, dict]) -> list[dict]:
     """Every performance target: {"target", "value", "op", "threshold", "result"}, where result is "pass",
     "miss" or "not measured" (value None: the row or section was not run, or the value is NaN)."""

@@ -129,15 +129,9 @@ def export(out: Path, target: Path, half: bool) -> None:
     print(f"exported EMA weights of step {state['step']} ({state['elapsed_s'] / 60:.1f} min) to {target}")
 
 
-def train(args: argparse.Namespace) -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(args.out)
-    ckpt_path = out / "checkpoint.pt"
-    out.mkdir(parents=True, exist_ok=True)
-    scale = latent_scale(args.seed, device)
-    dit = dit_config(args.width, args.depth, args.timestep_cond, args.positions)
-    config_path = write_model_files(out, scale, dit)
-
+def _models(args: argparse.Namespace, device: str, config_path: Path, ckpt_path: Path):
+    """(model, EMA model, optimizer, trainable parameters, (step, elapsed seconds, next clip chunk)): fresh, or
+    from the run's checkpoint with --resume."""
     torch.manual_seed(args.seed)
     model = build_model(read_config(config_path)).to(device)
     model.pretransform.model.load_state_dict(mdct_autoencoder().state_dict())
@@ -150,14 +144,27 @@ def train(args: argparse.Namespace) -> None:
     ema.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01,
                                   fused=device == "cuda")
-    step, elapsed_s, first_chunk = 0, 0.0, 0
+    progress = (0, 0.0, 0)
     if args.resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        step, elapsed_s, first_chunk = state["step"], state["elapsed_s"], state["chunk"]
+        progress = (state["step"], state["elapsed_s"], state["chunk"])
         torch.set_rng_state(state["torch_rng"])
+    return model, ema, optimizer, trainable, progress
+
+
+def train(args: argparse.Namespace) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    ckpt_path = out / "checkpoint.pt"
+    out.mkdir(parents=True, exist_ok=True)
+    scale = latent_scale(args.seed, device)
+    dit = dit_config(args.width, args.depth, args.timestep_cond, args.positions)
+    config_path = write_model_files(out, scale, dit)
+
+    model, ema, optimizer, trainable, (step, elapsed_s, first_chunk) = _models(args, device, config_path, ckpt_path)
     sobol = torch.quasirandom.SobolEngine(1, scramble=True, seed=args.seed + step)
     draw = torch.Generator().manual_seed(args.seed + step)  # which bank clips each step uses
 

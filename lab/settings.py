@@ -1,7 +1,7 @@
 """Settings read from environment variables, so a Hugging Face Space is configured without code changes.
 
-Flags of `ptq-lab` override the model, quantized files, calibration statistics, studies folder and console
-password; the rest is env-only. Reading them imports no torch, so `--help` answers at once.
+Flags of `ptq-lab` override the model, quantized files, calibration statistics, studies folder, console
+password and trusted proxy; the rest is env-only. Reading them imports no torch, so `--help` answers at once.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ class Settings:
     calibration_stats: Path | None = None  # LAB_CALIBRATION_STATS: statistics file to use instead of calibrating
     max_quantized_models: int = 3  # LAB_MAX_QUANTIZED_MODELS: LRU bound on quantized models kept in memory
     concurrency_limit: int = 1  # LAB_CONCURRENCY: simultaneous generations (CPU-bound: keep 1)
+    forwarded_allow_ips: str | None = None  # LAB_FORWARDED_ALLOW_IPS: proxies whose X-Forwarded-For is trusted
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -66,4 +67,5 @@ class Settings:
             calibration_stats=Path(env("LAB_CALIBRATION_STATS")) if env("LAB_CALIBRATION_STATS") else None,
             max_quantized_models=_env_number("LAB_MAX_QUANTIZED_MODELS", defaults.max_quantized_models),
             concurrency_limit=_env_number("LAB_CONCURRENCY", defaults.concurrency_limit),
+            forwarded_allow_ips=env("LAB_FORWARDED_ALLOW_IPS") or None,
         )

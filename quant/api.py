@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .linear import QuantLinear
+from .mixed import eight_bit_layers
 from .model import find_dit, linear_layers, matches_any, replace_module
 from .observers import CalibrationStats
 from .recipes import Recipe, get_recipe
@@ -38,8 +39,8 @@ def _check_rotation(recipe: Recipe, targets: dict[str, nn.Linear]) -> None:
 
 def _check_stats(recipe: Recipe, stats: CalibrationStats) -> None:
     if recipe.needs_samples and not stats.has_samples:
-        raise ValueError(f"recipe '{recipe.name}' needs calibration sample rows (alpha search, or a static scale "
-                         "of a smoothed or rotated activation), and these statistics have none (a format-1 "
+        raise ValueError(f"recipe '{recipe.name}' needs calibration sample rows (alpha search, GPTQ, a memory "
+                         "budget, or a static scale of a smoothed or rotated activation), and these statistics have none (a format-1 "
                          "file, or calibrate(..., sample_rows=0)): recalibrate with quant.calibrate")
     if recipe.needs_histograms and not stats.has_histograms:
         raise ValueError(f"recipe '{recipe.name}' (estimator '{recipe.estimator}') needs |x| histograms, and these "
@@ -63,7 +64,8 @@ def quantize_(model: nn.Module, recipe: Recipe | str, stats: CalibrationStats | 
     root = find_dit(model)
     _check_not_quantized(root)
     if recipe.needs_calibration and stats is None:
-        why = f"method '{recipe.method}'" if recipe.calibrates_activations else "GPTQ weight rounding"
+        why = (f"method '{recipe.method}'" if recipe.calibrates_activations else
+               "GPTQ weight rounding" if recipe.weight_rounding == "gptq" else "a memory budget's choice of 8-bit layers")
         raise ValueError(f"recipe '{recipe.name}' ({why}) needs calibration statistics: "
                          "run stats = quant.calibrate(model, forward_loop) first and pass stats=stats")
     targets = quantization_targets(root, recipe)
@@ -79,9 +81,11 @@ def quantize_(model: nn.Module, recipe: Recipe | str, stats: CalibrationStats | 
     if progress:
         from tqdm.auto import tqdm
         items = tqdm(items, desc=f"quantizing ({recipe.name})", unit="layer")
+    eight_bit = eight_bit_layers(targets, recipe, stats, boundaries) if recipe.memory_budget is not None else set()
     for name, linear in items:
         calibration = stats.layer(name, boundaries) if recipe.needs_calibration else None
-        replace_module(root, name, QuantLinear.from_float(linear, recipe, None, boundaries, tracker,
+        layer_recipe = recipe.eight_bit_layer if name in eight_bit else recipe
+        replace_module(root, name, QuantLinear.from_float(linear, layer_recipe, None, boundaries, tracker,
                                                           calibration=calibration, name=name))
     return model
 
@@ -96,14 +100,17 @@ def save(model: nn.Module, recipe: Recipe | str, path) -> None:
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("the model has no quantized layers: call quant.quantize_(model, recipe, stats) first")
+    eight_bit = sorted(name for name, layer in layers.items()
+                       if recipe.memory_budget is not None and layer.recipe.hash() == recipe.eight_bit_layer.hash())
     for name, layer in layers.items():
-        if layer.recipe.hash() != recipe.hash():
+        if layer.recipe.hash() != recipe.hash() and name not in eight_bit:
             raise ValueError(f"layer '{name}' was quantized with recipe '{layer.recipe.name}', not '{recipe.name}'")
     state = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
     layer_shapes = {name: [layer.out_features, layer.in_features, layer.bias is not None]
                     for name, layer in layers.items()}
     save_file(state, str(path), metadata={
-        "format": _FORMAT, "recipe": json.dumps(recipe.to_dict()), "layers": json.dumps(layer_shapes)})
+        "format": _FORMAT, "recipe": json.dumps(recipe.to_dict()), "layers": json.dumps(layer_shapes),
+        "eight_bit_layers": json.dumps(eight_bit)})
 
 
 def read_recipe(path) -> Recipe:
@@ -135,6 +142,7 @@ def load(model: nn.Module, path, *, recipe: Recipe | str | None = None) -> Recip
                              f"(field: (expected, in file) = {diff})")
     with safe_open(str(path), framework="pt") as f:
         saved = json.loads(f.metadata()["layers"])
+        eight_bit = set(json.loads(f.metadata().get("eight_bit_layers", "[]")))  # a memory budget's 8-bit layers
     root = find_dit(model)
     _check_not_quantized(root)
     targets = quantization_targets(root, file_recipe)
@@ -152,7 +160,8 @@ def load(model: nn.Module, path, *, recipe: Recipe | str | None = None) -> Recip
 
     tracker = TimestepTracker.shared(root) if file_recipe.timestep_groups > 1 else None
     for name, linear in targets.items():
-        layer = QuantLinear(linear.in_features, linear.out_features, file_recipe, bias=linear.bias is not None,
+        layer_recipe = file_recipe.eight_bit_layer if name in eight_bit else file_recipe
+        layer = QuantLinear(linear.in_features, linear.out_features, layer_recipe, bias=linear.bias is not None,
                             dtype=linear.weight.dtype, device=linear.weight.device)
         layer.attach(tracker)
         replace_module(root, name, layer)

@@ -1,4 +1,5 @@
-"""Range estimators for static (per-tensor) activation scales: max, percentile, MSE-optimal clipping.
+"""Range estimators for static (per-tensor) activation scales: max, percentile, MSE-optimal clipping, and clipping
+chosen on held-out calibration rows.
 
 A static scale maps [-c, c] onto the integer codes; anything beyond the clip value c saturates. Taking c as
 the largest |x| ever seen ("max") lets one loud token or one loud timestep set the step size for every other
@@ -9,6 +10,10 @@ value. A smaller c trades saturation of the rare loud values for finer steps on 
   values above c cost (|x| - c)^2, values below it the rounding error: Delta^2 / 12 with Delta = c / qmax,
   or x^2 for values that round to zero (|x| < Delta / 2). The max is one of the candidates, so on the data it
   is computed from "mse" is never worse than "max" (up to the histogram's resolution).
+- "holdout": c = m x the max of the calibration sample rows, with the factor m (below or above 1) that a
+  two-fold split of the rows chooses: the range is estimated on one half and its quantization error measured on
+  the other, so m learns how far new rows stray beyond a range estimated without them (a prompt the calibration
+  never saw exceeds calibrated ranges; the max of the rows it was fitted on cannot tell by how much).
 
 The distribution of |x| is a histogram over fixed, log-spaced bins (`BIN_EDGES`: `BINS_PER_OCTAVE` bins per
 power of two between 2^LOW_EXP and 2^HIGH_EXP, plus one bin below for zeros and tiny values and one above),
@@ -32,7 +37,8 @@ BIN_EDGES = torch.pow(2.0, torch.arange(N_LOG_BINS + 1, dtype=torch.float64) / B
 # edge for the overflow bin
 BIN_VALUES = torch.cat([BIN_EDGES[:1] / 2, (BIN_EDGES[:-1] * BIN_EDGES[1:]).sqrt(), BIN_EDGES[-1:]])
 
-ESTIMATORS = ("max", "percentile", "mse")
+ESTIMATORS = ("max", "percentile", "mse", "holdout")
+HOLDOUT_FACTORS = torch.pow(2.0, torch.arange(-16, 9) / 8)  # "holdout" tries m = 1/4 .. 2 (8 steps per octave)
 MSE_GRID_OCTAVES = 8                 # "mse" tries clip values from the max down to max / 2^8
 MSE_GRID_PER_OCTAVE = 16
 
@@ -115,3 +121,18 @@ def _mse_clip(counts: torch.Tensor, absmax: float, bits: int) -> float:
     clipped = (v - candidates[:, None]).clamp(min=0) ** 2
     error = torch.where(v > candidates[:, None], clipped, rounding) @ counts  # (C,)
     return float(candidates[int(torch.argmin(error))])
+
+
+def holdout_clip(rows: torch.Tensor, bits: int) -> float:
+    """c = m x max |rows| for the factor m of HOLDOUT_FACTORS with the least quantize-dequantize error summed over
+    a two-fold split of `rows` (tokens, channels): each half quantized with the range m x max of the other."""
+    x = rows.detach().float()
+    halves = (x[0::2], x[1::2]) if x.shape[0] > 1 else (x, x)
+    q = qmax(bits)
+    errors = torch.zeros(len(HOLDOUT_FACTORS), dtype=torch.float64)
+    for fit, held in (halves, halves[::-1]):
+        top = float(fit.abs().amax())
+        for i, factor in enumerate(HOLDOUT_FACTORS.tolist()):
+            step = max(top * factor / q, 1e-12)
+            errors[i] += float((torch.round(held / step).clamp_(-q, q) * step - held).pow_(2).sum())
+    return float(HOLDOUT_FACTORS[int(torch.argmin(errors))]) * float(x.abs().amax())

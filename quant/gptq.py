@@ -6,8 +6,9 @@ For inputs X (rows, in) the output error of a rounded weight Q is ||X (W - Q)^T|
 with H = X^T X / rows. Rounding column i leaves an error e_i; the optimal update of the remaining columns is
 -e_i H^-1[i, i+1:] / H^-1[i, i], read off the upper Cholesky factor of H^-1 (the paper's lazy-batch form:
 blocks of columns, the rest of the matrix updated once per block). The scales are the round-to-nearest ones
-of the original weight (per output channel, or per group of input channels), so GPTQ only chooses codes:
-the stored format, the kernels and every file stay the same.
+of the original weight (per output channel, per group of input channels, or progressive groups' integer group
+scales times a channel scale: `gptq_codes` takes any step per weight), so GPTQ only chooses codes: the stored
+format, the kernels and every file stay the same.
 
 H comes from the calibration sample rows (`quant.calibrate` keeps R rows per layer and timestep), transformed
 exactly as the quantized matmul sees them (smoothed, rotated). Fewer rows than input channels leave H singular;
@@ -31,11 +32,25 @@ def gptq_quantize_weight(w: torch.Tensor, bits: int, hessian: torch.Tensor, grou
                          damp: float = GPTQ_DAMP, block: int = GPTQ_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and scale of `w` (out, in) as `primitives.quantize_weight` returns them (same scale, same format),
     with the codes chosen by GPTQ under `hessian` (in, in) instead of round-to-nearest."""
+    scale = weight_scale(w.float(), bits, group_size)
+    return gptq_codes(w, expand_group_scale(scale, w.shape[1]), bits, hessian, damp, block), scale
+
+
+def gptq_codes(w: torch.Tensor, step: torch.Tensor, bits: int, hessian: torch.Tensor, damp: float = GPTQ_DAMP,
+               block: int = GPTQ_BLOCK, act_order: bool = True) -> torch.Tensor:
+    """GPTQ's int8 codes (out, in) of `w` for the float `step` of each weight (broadcasting to (out, in)): any
+    format whose value is code x step (per channel, per group, progressive groups). `act_order`: round the
+    input channels with the most input energy (largest H diagonal) first, while the most columns are left to
+    absorb their error (the steps stay those given, so the format is unchanged)."""
     if hessian.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"GPTQ needs a ({w.shape[1]}, {w.shape[1]}) input Hessian, got {tuple(hessian.shape)}")
+    if act_order:
+        order = torch.argsort(torch.diagonal(hessian), descending=True).to(w.device)
+        codes = gptq_codes(w[:, order], step.expand(w.shape)[:, order], bits, hessian[order][:, order], damp, block,
+                           act_order=False)
+        return codes[:, torch.argsort(order)]
     device = w.device
-    scale = weight_scale(w.float(), bits, group_size)
-    column_scale = expand_group_scale(scale, w.shape[1]).expand(w.shape).double()  # (out, in)
+    column_scale = step.expand(w.shape).double()  # (out, in)
     h = hessian.to(device=device, dtype=torch.float64).clone()
     work = w.to(torch.float64).clone()
     dead = torch.diagonal(h) == 0  # channels calibration never saw non-zero: no information, no error to spread
@@ -55,4 +70,4 @@ def gptq_quantize_weight(w: torch.Tensor, bits: int, hessian: torch.Tensor, grou
             chunk[:, i:] -= error[:, None] * h_chunk[i, i:][None, :]
             errors[:, i] = error
         work[:, end:] -= errors @ h_inv[start:end, end:]
-    return codes, scale
+    return codes

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .primitives import EPS, dequantize_weight, pack_int4, qmax, unpack_int4
+from .primitives import EPS, dequantize_weight, expand_group_scale, qmax
 
 KERNEL_ENV = "QUANT_INT8_KERNEL"
 KERNEL_CHOICES = ("auto", "onednn", "int_mm")
@@ -280,8 +280,7 @@ def _timed_weight_only(w_bits: int) -> str:
     x = torch.randn(512, 1536, generator=g)
     seconds = {}
     for kernel in ("resident", "packed"):
-        prepared = WeightOnlyWeight(codes, scale, 8, kernel, torch.bfloat16) if w_bits == 8 else \
-            WeightOnlyWeight(pack_int4(codes), scale, 4, kernel, torch.bfloat16)
+        prepared = WeightOnlyWeight(lambda: codes, scale, w_bits, kernel, torch.bfloat16)
         prepared.linear(x, None)
         times = []
         for _ in range(3):
@@ -364,11 +363,18 @@ def scaled_int_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b
 
 # ---- prepared weights -----------------------------------------------------------------------
 
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class PreparedWeight:
     """One weight copy in the form `kernel` multiplies fastest: derived state, never saved.
 
-    codes: int8 (N, K) weight codes (for int_mm / cuda: used as the transposed view; for onednn: only to
-    build the packed copy, not kept). extra_bytes: what this object holds beyond the stored buffers.
+    codes: int8 (N, K) weight codes. int_mm / cuda multiply them as a transposed view (the stored buffer
+    itself for int8 weights; for int4 the unpacked codes, which this object then owns: `owns_codes`);
+    onednn blocks them into its own opaque copy. own_bytes: what this object allocated. replaces_stored:
+    it holds its own full copy of the weight from which `int8_codes()` gives the codes back exactly, so the
+    layer may free its stored buffer and keep one copy.
     """
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, kernel: str, *, owns_codes: bool):
@@ -379,12 +385,32 @@ class PreparedWeight:
             self.codes = None
             self.packed = torch.ops.onednn.qlinear_prepack(codes.contiguous(), None)
             self.zero_points = torch.zeros(self.out_features, dtype=torch.long)
-            self.extra_bytes = codes.numel()  # the blocked copy: one byte per weight (opaque layout)
+            self.own_bytes = codes.numel()  # the blocked copy: one byte per weight (opaque layout)
+            self.replaces_stored = True
         elif kernel in ("int_mm", "cuda"):
             self.codes, self.packed = codes, None
-            self.extra_bytes = codes.numel() * codes.element_size() if owns_codes else 0
+            self.own_bytes = _nbytes(codes) if owns_codes else 0
+            self.replaces_stored = owns_codes
         else:
             raise ValueError(f"unknown int8 kernel {kernel!r}")
+
+    @torch.no_grad()
+    def int8_codes(self, rows_per_pass: int = 512) -> torch.Tensor:
+        """The int8 (N, K) codes this copy multiplies, exactly. oneDNN's blocked copy is opaque: it is
+        multiplied by one-hot uint8 rows (129 at k, zero point 128, so x - 128 = e_k) with unit scales, which
+        puts W[:, k] in the int32 accumulator and, |code| <= 127, exactly in the float32 output."""
+        if self.codes is not None:
+            return self.codes
+        k, columns = self.in_features, []
+        unit_scales = torch.ones(self.out_features)
+        for start in range(0, k, rows_per_pass):
+            rows = min(rows_per_pass, k - start)
+            one_hot = torch.full((rows, k), _U8_ZERO_POINT, dtype=torch.uint8)
+            one_hot[torch.arange(rows), torch.arange(start, start + rows)] += 1
+            columns.append(torch.ops.onednn.qlinear_pointwise(
+                one_hot, 1.0, _U8_ZERO_POINT, self.packed, unit_scales, self.zero_points, None,
+                1.0, 0, torch.float32, "none", [], ""))
+        return torch.cat(columns).t().round().to(torch.int8).contiguous()
 
     @torch.no_grad()  # integer arithmetic has no gradient; in-place passes need no graph
     def linear(self, x: torch.Tensor, bits: int, act_scale: torch.Tensor | None, bias: torch.Tensor | None):
@@ -416,39 +442,59 @@ class WeightOnlyWeight:
     state, never saved. `kernel` is the path actually used ("packed" falls back to "resident" where the
     layer's shape or scale groups do not fit torch's packed kernels).
 
-    stored: the stored copy, int8 codes (N, K) or int4 packed uint8 (N, K/2); scale float32 (N, S).
-    extra_bytes: what this object holds beyond the stored buffers.
+    stored_codes: a callable giving the layer's int8 codes (N, K) from its stored buffer (for int8 weights a
+    view of it, no copy); "dequant" calls it at every forward. scale: float32 (N, S).
+    own_bytes and replaces_stored: as for `PreparedWeight`. A resident float copy replaces the stored codes
+    only where rounding it back gives them exactly (checked here: bf16 keeps 8 significant bits, so
+    |code| * 2^-9 < 0.5 for |code| <= 127 holds, but fp16 loses the smallest scales to underflow).
     """
 
-    def __init__(self, stored: torch.Tensor, scale: torch.Tensor, bits: int, kernel: str, dtype: torch.dtype):
+    def __init__(self, stored_codes, scale: torch.Tensor, bits: int, kernel: str, dtype: torch.dtype):
         if kernel not in WEIGHT_ONLY_CHOICES[1:]:
             raise ValueError(f"unknown weight-only kernel {kernel!r}")
-        self.device, self.dtype, self.bits = stored.device, dtype, bits
-        self.stored, self.scale = stored, scale
-        self.int4_group = _int4pack_group(stored.shape[0], stored.shape[1] * 2, scale.shape[1]) if bits == 4 else None
-        if kernel == "packed" and (stored.device.type != "cpu" or (bits == 8 and scale.shape[1] != 1)
+        codes = stored_codes()
+        self.stored_codes, self.scale = stored_codes, scale
+        self.device, self.dtype, self.bits = codes.device, dtype, bits
+        self.out_features, self.in_features = codes.shape
+        self.int4_group = _int4pack_group(*codes.shape, scale.shape[1]) if bits == 4 else None
+        if kernel == "packed" and (codes.device.type != "cpu" or (bits == 8 and scale.shape[1] != 1)
                                    or (bits == 4 and self.int4_group is None)):
             kernel = "resident"
-        self.kernel = kernel
+        self.kernel, self.replaces_stored = kernel, False
         if kernel == "resident":
-            self.weight = self._dequantized()
-            self.extra_bytes = self.weight.numel() * self.weight.element_size()
+            self.weight = dequantize_weight(codes, scale).to(dtype)
+            self.own_bytes = _nbytes(self.weight)
+            self.replaces_stored = torch.equal(self.int8_codes(), codes)
         elif kernel == "packed" and bits == 8:
-            self.packed, self.scales = stored, scale[:, 0].to(dtype)  # the stored codes, as they are
-            self.extra_bytes = self.scales.numel() * self.scales.element_size()
+            self.packed, self.scales = codes, scale[:, 0].to(dtype)  # the stored codes, as they are
+            self.own_bytes = _nbytes(self.scales)
         elif kernel == "packed":
-            codes = unpack_int4(stored).to(torch.int32).add_(8)  # the kernel's unsigned nibbles, zero point 8
-            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-            groups = stored.shape[1] * 2 // self.int4_group
+            nibbles = codes.to(torch.int32).add_(8)  # the kernel's unsigned nibbles, zero point 8
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)
+            groups = self.in_features // self.int4_group
             group_scales = scale.expand(-1, groups) if scale.shape[1] == 1 else scale  # (N, K / group)
-            self.scales = torch.stack((group_scales.t(), torch.zeros_like(group_scales.t())), dim=-1).to(dtype)
-            self.extra_bytes = sum(t.numel() * t.element_size() for t in (self.packed, self.scales))
+            self.scales = _int4pack_scales(group_scales, dtype)
+            self.own_bytes = _nbytes(self.packed, self.scales)
+            self.replaces_stored = True
         else:
-            self.extra_bytes = 0
+            self.own_bytes = 0
 
-    def _dequantized(self) -> torch.Tensor:
-        codes = unpack_int4(self.stored) if self.bits == 4 else self.stored
-        return dequantize_weight(codes, self.scale).to(self.dtype)
+    @torch.no_grad()
+    def int8_codes(self, rows_per_pass: int = 512) -> torch.Tensor:
+        """The int8 (N, K) codes this path multiplies, exactly (where `replaces_stored`): the resident copy
+        divided by its scales and rounded; the int4-packed copy multiplied by identity rows with unit scales
+        and zero offsets, which gives each code as a small integer, exact in bf16."""
+        if self.kernel == "resident":
+            scale = expand_group_scale(self.scale, self.in_features)
+            return torch.div(self.weight.float(), scale).round_().to(torch.int8)
+        if self.kernel == "packed" and self.bits == 4:
+            unit = _int4pack_scales(torch.ones(self.out_features, self.in_features // self.int4_group), self.dtype)
+            columns = []
+            for start in range(0, self.in_features, rows_per_pass):
+                rows = torch.eye(self.in_features, dtype=self.dtype)[start:start + rows_per_pass]
+                columns.append(torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.int4_group, unit))
+            return torch.cat(columns).t().round().to(torch.int8).contiguous()
+        return self.packed if self.kernel == "packed" else self.stored_codes()
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (M, K) @ W^T + bias, computed in self.dtype, returned in x's dtype."""
@@ -461,8 +507,16 @@ class WeightOnlyWeight:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.packed, self.int4_group, self.scales)
             y = y if b is None else y.add_(b)
         else:
-            y = F.linear(xc, self.weight if self.kernel == "resident" else self._dequantized(), b)
+            weight = self.weight if self.kernel == "resident" else \
+                dequantize_weight(self.stored_codes(), self.scale).to(self.dtype)
+            y = F.linear(xc, weight, b)
         return y.to(x.dtype)
+
+
+def _int4pack_scales(group_scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, K / group) scales -> the (K / group, N, 2) scales-and-zeros `_weight_int4pack_mm_for_cpu` takes
+    (zeros 0: its weight is (nibble - 8) * scale + zero)."""
+    return torch.stack((group_scales.t(), torch.zeros_like(group_scales.t())), dim=-1).to(dtype)
 
 
 def _int4pack_group(out_features: int, in_features: int, scales_per_row: int) -> int | None:

@@ -4,6 +4,8 @@ Both backends hold the same buffers (so memory and files do not depend on the ba
   qweight        int8 (C, out, in), or uint8 (C, out, in/2) for int4 (two codes per byte);
                  float (C, out, in) when w_bits=16
   weight_scale   float32 (C, out, S): S=1 per output channel, S=in/group_size per group
+  weight_group_scale uint8 (C, out, in/group_size): integer group scales of progressive groups (else None);
+                 the GEMM's int8 codes are then q4 x g and weight_scale is per output channel
   smooth         float32 (C, in)   SmoothQuant divisors, one row per weight copy (smoothquant, sqd)
   act_scale      float32 (G,)      calibrated per-tensor activation scale (static, smoothquant)
   timestep_boundaries float32 (G-1,) group edges in t
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gptq import gptq_quantize_weight
+from .gptq import gptq_codes, gptq_quantize_weight
 from .kernels import (
     PreparedWeight,
     WeightOnlyWeight,
@@ -46,16 +48,23 @@ from .observers import LayerCalibration
 from .plan import plan_layer
 from .primitives import (
     dequantize_weight,
+    expand_group_scale,
     fake_quant,
     fake_quant_weight,
     pack_int4,
     per_token_scale,
+    progressive_codes,
+    progressive_scales,
+    progressive_step,
+    quantize,
     quantize_weight,
     unpack_int4,
 )
 from .recipes import Recipe
 from .rotation import check_block, rotate
 from .timestep import TimestepTracker, group_index
+
+_SCALE_BUFFERS = ("weight_scale", "act_scale", "smooth", "timestep_boundaries")  # float32 whatever the model's dtype
 
 
 class QuantLinear(nn.Module):
@@ -80,6 +89,7 @@ class QuantLinear(nn.Module):
         self._boundaries: list[float] | None = None  # Python copy of timestep_boundaries, filled lazily
         self._weight_cache = None  # simulated backend: (copy index, dtype, dequantized weight)
         self._prepared = None  # integer backend: (copy index, kernel, PreparedWeight) of the copy in use
+        self._released = False  # True while qweight is a storage-less placeholder and _prepared holds the weight
         self.alphas: list[float] | None = None  # smoothing strength per copy chosen by from_float (not saved)
 
         groups = recipe.timestep_groups
@@ -92,8 +102,11 @@ class QuantLinear(nn.Module):
             packed_in = in_features // 2 if recipe.w_bits == 4 else in_features
             code_dtype = torch.uint8 if recipe.w_bits == 4 else torch.int8
             self.register_buffer("qweight", torch.zeros(copies, out_features, packed_in, dtype=code_dtype, **kwargs))
-            scales_per_row = 1 if recipe.group_size is None else in_features // recipe.group_size
+            groups_per_row = 1 if recipe.group_size is None else in_features // recipe.group_size
+            scales_per_row = 1 if recipe.progressive_groups else groups_per_row
             self.register_buffer("weight_scale", torch.ones(copies, out_features, scales_per_row, **kwargs))
+            self.register_buffer("weight_group_scale", torch.ones(copies, out_features, groups_per_row,
+                                 dtype=torch.uint8, **kwargs) if recipe.progressive_groups else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kwargs) if bias else None)
         self.register_buffer("smooth", torch.ones(copies, in_features, **kwargs) if recipe.smooths else None)
         self.register_buffer("act_scale", torch.ones(groups, **kwargs) if recipe.static_activations else None)
@@ -158,7 +171,7 @@ class QuantLinear(nn.Module):
             return
         if self.lowrank is not None:
             def quantizer(m):
-                return fake_quant_weight(m, recipe.w_bits, recipe.group_size)
+                return fake_quant_weight(m, recipe.w_bits, recipe.group_size, recipe.progressive_groups)
             if recipe.lora_init == "random":
                 to_quantize, a, b = random_low_rank(w, recipe.lora_rank)
             else:
@@ -166,11 +179,18 @@ class QuantLinear(nn.Module):
             self.lowrank[copy_index].A.copy_(a)
             self.lowrank[copy_index].B.copy_(b)
             w = to_quantize if hessian is None else w - (a @ b).t()
-        if hessian is not None:
+        if recipe.progressive_groups:  # 4-bit codes under the integer group scales, stored with them
+            importance = None if hessian is None else torch.diagonal(hessian).float()  # input energy per channel
+            scale, group_scale = progressive_scales(w, recipe.group_size, importance)
+            step = progressive_step(group_scale, scale, w.shape[1])
+            codes = quantize(w, step, 4) if hessian is None else gptq_codes(w, step, 4, hessian)
+            self.weight_group_scale[copy_index] = group_scale
+            codes = progressive_codes(codes, group_scale)
+        elif hessian is not None:
             codes, scale = gptq_quantize_weight(w, recipe.w_bits, hessian, recipe.group_size)
         else:
             codes, scale = quantize_weight(w, recipe.w_bits, recipe.group_size)
-        self.qweight[copy_index] = pack_int4(codes) if recipe.w_bits == 4 else codes
+        self.qweight[copy_index] = self._stored_form(codes, copy_index)
         self.weight_scale[copy_index] = scale
 
     def attach(self, tracker: TimestepTracker | None) -> None:
@@ -179,6 +199,7 @@ class QuantLinear(nn.Module):
 
     def _forget_derived(self) -> None:
         """Drop values computed from buffers (they change when a state dict is loaded)."""
+        self._restore_stored()
         self._boundaries = None
         self._weight_cache = None
         self._prepared = None
@@ -186,8 +207,68 @@ class QuantLinear(nn.Module):
     def __getstate__(self):
         """Copies and pickles leave the derived state behind (oneDNN's packed tensors cannot be copied)."""
         state = self.__dict__.copy()
-        state.update(_boundaries=None, _weight_cache=None, _prepared=None)
+        if self._released:
+            state["_buffers"] = {**self._buffers, "qweight": self.stored_weight()}
+        state.update(_boundaries=None, _weight_cache=None, _prepared=None, _released=False)
         return state
+
+    # ---- one resident weight copy -------------------------------------------------------------
+    # Once the integer backend has prepared a copy that gives the codes back exactly (oneDNN's blocked weight,
+    # unpacked int4, a resident float copy, torch's int4-packed weight), the stored buffer's storage is freed
+    # (`qweight` becomes a meta tensor of the same shape and dtype), so the layer holds one form of its weight.
+    # Whatever reads the stored state gets the codes derived back: state_dict, copies, moves, weight_codes.
+
+    def _release_stored(self) -> None:
+        prepared = self._prepared[2]
+        if prepared.replaces_stored and self.recipe.weight_copies == 1 and self.recipe.w_bits in (4, 8):
+            self._buffers["qweight"] = torch.empty(self.qweight.shape, dtype=self.qweight.dtype, device="meta")
+            self._released = True
+
+    def stored_weight(self) -> torch.Tensor:
+        """qweight with its values: the buffer, or derived back from the prepared copy when released."""
+        if not self._released:
+            return self.qweight
+        return self._stored_form(self._prepared[2].int8_codes()).unsqueeze(0)
+
+    def _restore_stored(self) -> None:
+        """Give qweight its storage back (before the prepared copy goes)."""
+        if self._released:
+            self._buffers["qweight"] = self.stored_weight()
+            self._released = False
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._released:
+            destination[prefix + "qweight"] = self.stored_weight()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._restore_stored()  # a real buffer to load into (keys the state dict lacks keep their values)
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        """Moves and casts (`.to`, `.cuda`, `.bfloat16`). Scales stay float32 under a cast: they are the
+        quantization's parameters, and a bf16 model (weight-only "A16") holds the same quantized weight. While
+        released, the placeholder sits out the calls that leave an int8 tensor where it is; any other gets the
+        stored codes back first (the prepared copy is rebuilt on the next forward)."""
+        home = self._prepared[2].device if self._released else self.qweight.device
+        target = fn(torch.empty(0, device=home))
+        set_aside = {}
+        if target.dtype != torch.float32:  # a cast: scales are only moved
+            set_aside = {name: self._buffers[name] for name in _SCALE_BUFFERS if self._buffers.get(name) is not None}
+        if self._released:
+            probe = torch.empty(0, dtype=self.qweight.dtype, device=home)
+            moved = fn(probe)
+            if moved.device == probe.device and moved.dtype == probe.dtype:
+                set_aside["qweight"] = self._buffers["qweight"]
+            else:
+                self._forget_derived()
+        for name in set_aside:
+            self._buffers[name] = None
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for name, tensor in set_aside.items():
+                self._buffers[name] = tensor if name == "qweight" else tensor.to(target.device)
 
     # ---- views of the stored state ------------------------------------------------------------
 
@@ -213,9 +294,24 @@ class QuantLinear(nn.Module):
         return group if self.recipe.weight_copies > 1 else 0
 
     def weight_codes(self, copy_index: int = 0) -> torch.Tensor:
-        """Integer weight codes int8 (out, in) of one copy (int4 unpacked)."""
+        """The int8 codes (out, in) the GEMM multiplies, of one copy: the stored codes, int4 unpacked, and with
+        progressive groups times their integer group scales (q4 x g, |q4 x g| <= 126). The one conversion from
+        stored codes to the kernel's; `_stored_form` is its inverse."""
+        if self._released:
+            return self._prepared[2].int8_codes()
         codes = self.qweight[copy_index]
-        return unpack_int4(codes) if self.recipe.w_bits == 4 else codes
+        if self.recipe.w_bits != 4:
+            return codes
+        codes = unpack_int4(codes)
+        return codes if self.weight_group_scale is None else progressive_codes(codes, self.weight_group_scale[copy_index])
+
+    def _stored_form(self, codes: torch.Tensor, copy_index: int = 0) -> torch.Tensor:
+        """int8 codes (out, in) -> the stored qweight form (the inverse of `weight_codes`): progressive groups'
+        codes are divided back by their integer group scales (exactly: they are multiples of them)."""
+        if self.weight_group_scale is not None:
+            group_scale = expand_group_scale(self.weight_group_scale[copy_index], codes.shape[-1]).to(torch.int8)
+            codes = torch.div(codes, group_scale, rounding_mode="trunc")
+        return pack_int4(codes) if self.recipe.w_bits == 4 else codes
 
     def dequantized_weight(self, copy_index: int = 0, dtype=torch.float32) -> torch.Tensor:
         """Q(W * s) of one copy as a float matrix (out, in), without the low-rank branch."""
@@ -271,16 +367,19 @@ class QuantLinear(nn.Module):
         recipes: for the weight-only path in force and the dtype it computes `x_dtype` inputs in).
 
         Built on first use and kept (one copy at a time, like the simulated cache): rebuilt when the
-        copy (timestep group), the kernel or the device changes, dropped by `_forget_derived`."""
+        copy (timestep group), the kernel or the device changes, dropped by `_forget_derived`. Where the
+        prepared copy can give the codes back exactly, the stored buffer's storage is freed meanwhile."""
         if self.recipe.quantizes_activations:
             key = choose_kernel(device)
         else:
             kernel = choose_weight_only_kernel(device, self.recipe.w_bits)
             key = (kernel, weight_only_dtype(kernel, device, x_dtype))
         cache = self._prepared
-        if cache is None or cache[0] != copy_index or cache[1] != key or cache[2].device != self.qweight.device:
+        if cache is None or cache[0] != copy_index or cache[1] != key or cache[2].device != device:
+            self._restore_stored()
             self._prepared = None  # free the old copy before building the new one
             cache = self._prepared = (copy_index, key, self._prepare(copy_index, key))
+            self._release_stored()
         return cache[2]
 
     def _prepare(self, copy_index: int, key) -> PreparedWeight | WeightOnlyWeight:
@@ -288,8 +387,8 @@ class QuantLinear(nn.Module):
             return PreparedWeight(self.weight_codes(copy_index), self.weight_scale[copy_index, :, 0], key,
                                   owns_codes=self.recipe.w_bits == 4)
         kernel, dtype = key
-        return WeightOnlyWeight(self.qweight[copy_index], self.weight_scale[copy_index], self.recipe.w_bits,
-                                kernel, dtype)
+        return WeightOnlyWeight(lambda: self.weight_codes(copy_index), self.weight_scale[copy_index],
+                                self.recipe.w_bits, kernel, dtype)
 
     # ---- forward ------------------------------------------------------------------------------
 
@@ -322,16 +421,20 @@ class QuantLinear(nn.Module):
     # ---- bookkeeping --------------------------------------------------------------------------
 
     def held_bytes(self) -> dict[str, int]:
-        """Bytes this layer holds, by kind. "cache": derived copies resident now (the simulated backend's
-        dequantized weight, the integer backend's prepared weight: oneDNN's packed copy, unpacked int4, or a
-        weight-only layer's resident float copy or repacked int4)."""
+        """Bytes this layer holds, by kind. "weight": the stored codes (what a file holds), even while their
+        storage is freed. "cache": what derived copies resident now add to that (the simulated backend's
+        dequantized weight; the integer backend's prepared weight beyond the stored codes it stands in for:
+        nothing for oneDNN's packed int8 copy, half a byte per weight for int4 codes held as int8, the
+        difference to a weight-only layer's resident float copy, or a packed copy's scales)."""
         def nbytes(*tensors):
             return sum(t.numel() * t.element_size() for t in tensors if t is not None)
         cache = self._weight_cache[2] if self._weight_cache is not None else None
-        prepared = self._prepared[2].extra_bytes if self._prepared is not None else 0
+        prepared = self._prepared[2].own_bytes if self._prepared is not None else 0
+        if self._released:  # the prepared copy stands in for the stored codes, whose storage is freed
+            prepared -= nbytes(self.qweight)
         return {
             "weight": nbytes(self.qweight),
-            "scales": nbytes(self.weight_scale, self.act_scale, self.timestep_boundaries),
+            "scales": nbytes(self.weight_scale, self.weight_group_scale, self.act_scale, self.timestep_boundaries),
             "smoothing": nbytes(self.smooth),
             "lowrank": nbytes(*(t for branch in (self.lowrank or []) for t in (branch.A, branch.B))),
             "bias": nbytes(self.bias),

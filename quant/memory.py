@@ -2,9 +2,13 @@
 
 Counted for every linear layer of the DiT: integer (or packed int4) weights, every weight copy of
 timestep-aware recipes, scales, smoothing vectors, low-rank branches and biases: the *stored* bytes, what a
-file holds and what the ratios compare. Derived copies built at run time (a kernel's prepacked or unpacked
-weight, the simulated backend's dequantized weight) are the kind "cache": counted apart as *resident* bytes,
-since they exist only after a first forward. Layers left in float count their weights in their dtype.
+file holds and what the ratios compare. *Resident* bytes are what the layers occupy after a forward: the
+integer backend keeps one form of each weight, the kernel's (its stored codes' storage is freed where that
+form gives them back exactly), so resident = stored for int8 weights on the int8 kernels and for torch's
+packed weight-only kernels (plus their scales); the kind "cache" is what a run-time form holds beyond the
+stored codes: half a byte per weight for int4 codes held as int8 for the int8 GEMM, the difference to a
+weight-only layer's resident float copy, a second copy where a recipe keeps one weight per timestep group, the
+simulated backend's dequantized weight. Layers left in float count their weights in their dtype.
 """
 from dataclasses import dataclass, field
 
@@ -61,7 +65,7 @@ class MemoryReport:
 
     @property
     def resident_linear_bytes(self) -> int:
-        """Stored bytes plus the derived caches built so far (prepacked / unpacked / dequantized weights)."""
+        """What the linears occupy now: stored bytes plus what run-time weight forms add beyond them."""
         return sum(layer.resident for layer in self.layers)
 
     @property
@@ -90,7 +94,7 @@ class MemoryReport:
             "| | MiB | x fp32 | x fp16 |",
             "|---|---:|---:|---:|",
             f"| linear layers, stored | {self.linear_bytes / mib:.1f} | {self.ratio_fp32:.3f} | {self.ratio_fp16:.3f} |",
-            f"| linear layers, resident (+ run-time copies) | {self.resident_linear_bytes / mib:.1f} | "
+            f"| linear layers, resident (run-time weight forms) | {self.resident_linear_bytes / mib:.1f} | "
             f"{self.resident_linear_bytes / self.linear_fp32_bytes:.3f} | "
             f"{self.resident_linear_bytes / self.linear_fp16_bytes:.3f} |",
             f"| module passed in (all of it) | {self.model_bytes / mib:.1f} | "

@@ -12,7 +12,7 @@ v = 0..V-1 (V = G with smoothing="per-group", else 1; group g uses vector v(g) =
 The clip value's inputs: "max" of the raw or smoothed activation is the exact bound max_j(absmax_gj / s_j);
 a rotated activation's max, and any percentile / MSE clip of a transformed activation, come from the
 calibration sample rows of the group (transformed like x'_g); percentile / MSE of the raw activation use the
-group's full |x| histogram.
+group's full |x| histogram; "holdout" always uses the rows (a two-fold split of them chooses the clip).
 
 alpha="search": each smoothing vector's alpha is the value of `smooth.ALPHA_GRID` with the least squared
 output error sum_g ||Q(x'_g) Q(W'_v)^T - x_g W^T||^2 over the sample rows x_g of the groups using it, with
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .estimators import clip_value, histogram
+from .estimators import clip_value, histogram, holdout_clip
 from .gptq import hessian_from_rows
 from .observers import LayerCalibration
 from .primitives import fake_quant, fake_quant_weight, per_token_scale, scale_from_absmax
@@ -124,7 +124,8 @@ def _as_seen(rows: torch.Tensor, s: torch.Tensor | None, block: int | None) -> t
 
 
 def _fake_quant_weight(w: torch.Tensor, recipe: Recipe) -> torch.Tensor:
-    return w if recipe.w_bits == 16 else fake_quant_weight(w, recipe.w_bits, recipe.group_size)
+    return w if recipe.w_bits == 16 else fake_quant_weight(w, recipe.w_bits, recipe.group_size,
+                                                            recipe.progressive_groups)
 
 
 def _static_scale(recipe: Recipe, absmax: torch.Tensor, s: torch.Tensor | None, rows: torch.Tensor | None,
@@ -133,7 +134,9 @@ def _static_scale(recipe: Recipe, absmax: torch.Tensor, s: torch.Tensor | None, 
     block = recipe.rotation
     transformed = s is not None or block is not None
     bound = (absmax / s if s is not None else absmax).amax()    # exact max of the (smoothed) activation
-    if block is None and recipe.estimator == "max":
+    if recipe.estimator == "holdout":
+        clip = holdout_clip(_as_seen(rows, s, block), recipe.a_bits)
+    elif block is None and recipe.estimator == "max":
         clip = float(bound)
     elif not transformed:
         clip = clip_value(hist, float(bound), recipe.estimator, recipe.a_bits, recipe.percentile)

@@ -1,4 +1,5 @@
-"""Quantizer math as pure functions: symmetric scales, (de)quantization, int4 packing, SQNR.
+"""Quantizer math as pure functions: symmetric scales, (de)quantization, progressive group scales, int4 packing,
+SQNR.
 
 Every quantizer in this library is *symmetric* (zero point 0) and uses the restricted range
 [-qmax, qmax] with qmax = 2**(bits-1) - 1 (127 for 8 bit, 7 for 4 bit), so that negating a
@@ -85,9 +86,67 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return dequantize(codes, expand_group_scale(scale, codes.shape[-1]))
 
 
-def fake_quant_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
-    """Q(w): the weight as the quantized layer holds it, in float32."""
+def fake_quant_weight(w: torch.Tensor, bits: int, group_size: int | None = None,
+                      progressive: bool = False) -> torch.Tensor:
+    """Q(w): the weight as the quantized layer holds it, in float32 (`progressive`: 4-bit codes with integer group
+    scales, see `progressive_quantize_weight`)."""
+    if progressive:
+        codes, group_scale, channel_scale = progressive_quantize_weight(w, group_size)
+        return dequantize(progressive_codes(codes, group_scale), channel_scale)
     return dequantize_weight(*quantize_weight(w, bits, group_size))
+
+
+# ---- progressive group quantization (4-bit codes, integer group scales, one float scale per channel) ----------
+# QServe (Lin et al. 2024): w ~ q4 * g * s with q4 in [-7, 7], a small integer g per group of input channels and
+# one float s per output channel. q4 * g is an int8 code (|q4 * g| <= 7 * 18 = 126), so the int8 GEMM multiplies
+# it and rescales by s alone: group-wise 4-bit accuracy without a scale that changes along K.
+PROGRESSIVE_GROUP_MAX = 18  # largest integer group scale: 7 * 18 = 126 <= 127
+
+
+def progressive_scales(w: torch.Tensor, group_size: int,
+                       importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(channel_scale float32 (out, 1), group_scale uint8 (out, in / group_size)) of w (out, in).
+
+    The channel scale maps the row's max |w| onto 7 * PROGRESSIVE_GROUP_MAX; each group then takes the integer
+    scale in 1..PROGRESSIVE_GROUP_MAX whose 4-bit rounding of the group has the least squared error (an exact
+    search: a ceiling of max / 7 would waste up to half a step on every group, and a small group's best step is
+    often one that clips its largest weight). `importance` (in,): a weight per input channel in that error (e.g.
+    the mean square of the layer's input on each channel, so the search minimises the expected output error)."""
+    out_features, in_features = w.shape
+    if in_features % group_size:
+        raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+    w = w.float().reshape(out_features, in_features // group_size, group_size)
+    q = qmax(4)
+    channel_scale = (w.abs().amax(dim=(1, 2), keepdim=True) / (q * PROGRESSIVE_GROUP_MAX)).clamp(min=EPS)
+    best_error = torch.full(w.shape[:2], torch.inf, device=w.device)
+    group_scale = torch.ones(w.shape[:2], dtype=torch.uint8, device=w.device)
+    for g in range(1, PROGRESSIVE_GROUP_MAX + 1):
+        step = channel_scale * g
+        error = (torch.round(w / step).clamp_(-q, q) * step - w).pow_(2)
+        error = (error if importance is None else error * importance.reshape(1, *w.shape[1:])).sum(dim=-1)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        group_scale = torch.where(better, g, group_scale)
+    return channel_scale[:, :, 0], group_scale
+
+
+def progressive_quantize_weight(w: torch.Tensor, group_size: int,
+                                scales: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """w (out, in) -> (4-bit codes int8 (out, in), group_scale uint8 (out, in/group), channel_scale (out, 1)),
+    rounding to nearest under `scales` (default `progressive_scales(w, group_size)`)."""
+    channel_scale, group_scale = scales if scales is not None else progressive_scales(w, group_size)
+    codes = quantize(w, progressive_step(group_scale, channel_scale, w.shape[1]), 4)
+    return codes, group_scale, channel_scale
+
+
+def progressive_step(group_scale: torch.Tensor, channel_scale: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The float step g * s of every weight (out, in): what a 4-bit code is multiplied by."""
+    return expand_group_scale(group_scale.float() * channel_scale, in_features)
+
+
+def progressive_codes(codes: torch.Tensor, group_scale: torch.Tensor) -> torch.Tensor:
+    """The int8 GEMM's codes q4 * g (out, in) from 4-bit codes (out, in) and integer group scales (out, groups)."""
+    return codes * expand_group_scale(group_scale, codes.shape[-1]).to(torch.int8)
 
 
 # ---- int4 storage --------------------------------------------------------------------------

@@ -14,9 +14,11 @@ METHODS = ACTIVATION_METHODS + ("weight-only",)
 BACKENDS = ("simulated", "integer")
 LORA_DTYPES = ("float32", "float16", "bfloat16")
 LORA_INITS = ("svd", "random")
-ESTIMATORS = ("max", "percentile", "mse")  # see quant/estimators.py
+ESTIMATORS = ("max", "percentile", "mse", "holdout")  # see quant/estimators.py
 SMOOTHINGS = ("per-group", "max", "mean")  # see Recipe.smoothing
 ROUNDINGS = ("nearest", "gptq")  # see Recipe.weight_rounding
+WEIGHT_GROUPS = ("float", "progressive")  # see Recipe.weight_groups
+ATTENTION = ("float", "int8")  # see Recipe.attention
 ALPHA_SEARCH = "search"
 
 # Layers kept in full precision by default (fnmatch patterns on names relative to the DiT).
@@ -56,7 +58,8 @@ class Recipe:
             smoothing="per-group" get one smoothing vector per group, each folded into its own weight copy.
         estimator: how a static activation scale is taken from calibration (static, smoothquant): "max" (the
             largest |x|), "percentile" (the `percentile`-th percentile of |x|), "mse" (the clip value with the
-            least expected quantization error). See quant/estimators.py.
+            least expected quantization error), "holdout" (a factor on the max of the calibration sample rows, chosen
+            on rows held out from the range estimate: quant/estimators.py).
         percentile: in (0, 100], for estimator="percentile".
         smoothing: how smoothing vectors follow the timestep groups (smoothquant, sqd). "per-group": one vector
             per group from that group's per-channel max, each folded into its own weight copy (the paper's SQD:
@@ -78,8 +81,18 @@ class Recipe:
             factors of the same shape, skipping the SVD: only for measuring memory and speed, where a
             branch's values do not matter and the SVD of a 1536 x 12288 residual costs minutes on a CPU).
         group_size: per-group weight scales along the input dimension (None = per output channel).
-            The integer backend supports it for weight-only recipes only (a per-group scale along K
-            cannot be factored out of one integer matmul).
+            With float group scales the integer backend supports it for weight-only recipes only (a per-group
+            float scale along K cannot be factored out of one integer matmul); progressive groups run on it.
+        weight_groups: how group scales are held (with group_size): "float" (a float scale per group) or
+            "progressive" (QServe's two levels, 4-bit weights with activation quantization only: a small integer
+            scale per group and one float scale per output channel; the int8 GEMM multiplies the codes
+            q4 x g, |q4 x g| <= 126, and rescales per channel, so the integer backend keeps its one matmul).
+        memory_budget: None, or a fraction of the fp32 bytes of the layers the recipe quantizes (4-bit weights
+            only): the layers whose 4-bit weights cost the most output error on their calibration sample rows per
+            byte saved are kept at 8 bits (per output channel) while the whole stays within the budget
+            (quant/mixed.py). Makes the recipe a calibrated one.
+        attention: "float" (attention as the model computes it) or "int8" (QK^T and PV as int8 matmuls with a
+            smoothed K, per-token and per-channel scales, on the recipe's backend: quant/attention.py).
         skip: fnmatch patterns of layer names (relative to the DiT) left in full precision.
         backend: "simulated" (fake quant in float: the reference) or "integer" (int8 matmul).
     """
@@ -102,6 +115,9 @@ class Recipe:
     smoothing: str = "per-group"
     rotation: int | None = None
     weight_rounding: str = "nearest"
+    weight_groups: str = "float"
+    memory_budget: float | None = None
+    attention: str = "float"
 
     def __post_init__(self):
         object.__setattr__(self, "skip", tuple(self.skip))
@@ -153,6 +169,14 @@ class Recipe:
         _check_choice("weight_rounding", self.weight_rounding, ROUNDINGS)
         if self.weight_rounding == "gptq" and self.w_bits == 16:
             raise ValueError("Recipe.weight_rounding='gptq' chooses weight codes, but w_bits=16 keeps float weights")
+        if self.memory_budget is not None:
+            if (isinstance(self.memory_budget, bool) or not isinstance(self.memory_budget, (int, float))
+                    or not 0.0 < self.memory_budget <= 1.0):
+                raise ValueError(f"Recipe.memory_budget must be None or a fraction of the fp32 bytes in (0, 1], "
+                                 f"got {self.memory_budget!r}")
+            if self.w_bits != 4:
+                raise ValueError(f"Recipe.memory_budget keeps some 4-bit layers at 8 bits: it needs w_bits=4, "
+                                 f"got w_bits={self.w_bits}")
         if not isinstance(self.timestep_groups, int) or self.timestep_groups < 1:
             raise ValueError(f"Recipe.timestep_groups must be an integer >= 1, got {self.timestep_groups!r}")
         if self.timestep_groups > 1 and not self.calibrates_activations:
@@ -164,13 +188,19 @@ class Recipe:
             raise ValueError("Recipe.lora_rank corrects weight error, but w_bits=16 leaves none")
         if not isinstance(self.lora_iterations, int) or self.lora_iterations < 1:
             raise ValueError(f"Recipe.lora_iterations must be an integer >= 1, got {self.lora_iterations!r}")
+        _check_choice("weight_groups", self.weight_groups, WEIGHT_GROUPS)
+        _check_choice("attention", self.attention, ATTENTION)
         if self.group_size is not None:
             if not isinstance(self.group_size, int) or self.group_size < 2 or self.group_size % 2:
                 raise ValueError(f"Recipe.group_size must be None or an even integer >= 2, got {self.group_size!r}")
-            if self.backend == "integer" and self.method != "weight-only":
-                raise ValueError("Recipe.group_size with integer activations is not supported: per-group "
-                                 "weight scales along K cannot be factored out of one integer matmul. "
-                                 "Use backend='simulated' or group_size=None.")
+            if self.backend == "integer" and self.method != "weight-only" and not self.progressive_groups:
+                raise ValueError("Recipe.group_size with integer activations needs weight_groups='progressive' "
+                                 "(integer group scales): per-group float weight scales along K cannot be "
+                                 "factored out of one integer matmul. Or use backend='simulated'.")
+        if self.progressive_groups and (self.group_size is None or self.w_bits != 4 or not self.quantizes_activations):
+            raise ValueError(f"Recipe.weight_groups='progressive' holds 4-bit weights in groups of input channels for "
+                             f"the int8 matmul: it needs w_bits=4, a group_size and quantized activations, got "
+                             f"w_bits={self.w_bits}, group_size={self.group_size}, a_bits={self.a_bits}")
 
     @property
     def calibrates_activations(self) -> bool:
@@ -180,7 +210,17 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         """Calibration statistics are needed: for the activations, or for GPTQ's input statistics."""
-        return self.calibrates_activations or self.weight_rounding == "gptq"
+        return self.calibrates_activations or self.weight_rounding == "gptq" or self.memory_budget is not None
+
+    @property
+    def progressive_groups(self) -> bool:
+        """4-bit codes with integer group scales and a float scale per output channel (`weight_groups`)."""
+        return self.weight_groups == "progressive"
+
+    @property
+    def eight_bit_layer(self) -> "Recipe":
+        """The recipe of the layers a memory budget keeps at 8 bits: the same with 8-bit per-channel weights."""
+        return self.replace(w_bits=8, group_size=None, weight_groups="float", memory_budget=None)
 
     @property
     def smooths(self) -> bool:
@@ -206,16 +246,18 @@ class Recipe:
 
     @property
     def needs_samples(self) -> bool:
-        """Calibration sample rows are needed: for an alpha search, for GPTQ, and for a static scale of a transformed
-        (smoothed or rotated) activation other than the exact max bound of a smoothed one."""
+        """Calibration sample rows are needed: for an alpha search, for GPTQ, for a memory budget's choice of 8-bit
+        layers, and for a static scale of a transformed (smoothed or rotated) activation other than the exact max
+        bound of a smoothed one."""
         transformed = self.smooths or self.rotation is not None
-        return self.alpha_search or self.weight_rounding == "gptq" or (self.static_activations and transformed
-                                     and (self.estimator != "max" or self.rotation is not None))
+        return (self.alpha_search or self.weight_rounding == "gptq" or self.memory_budget is not None
+                or (self.static_activations and (self.estimator == "holdout" or transformed and (
+                    self.estimator != "max" or self.rotation is not None))))
 
     @property
     def needs_histograms(self) -> bool:
         """|x| histograms are needed: percentile / mse scales of the raw (untransformed) activation."""
-        return self.estimator != "max" and not self.smooths and self.rotation is None
+        return self.estimator in ("percentile", "mse") and not self.smooths and self.rotation is None
 
     @property
     def quantizes_activations(self) -> bool:

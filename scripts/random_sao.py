@@ -1,6 +1,6 @@
 """Write a random-weight model of Stable Audio Open 1.0's architecture that the lab loads offline.
 
-    .venv/bin/python scripts/random_sao.py runs/sao-random [--seed 0]
+    .venv/bin/python scripts/random_sao.py runs/sao-random [--seed 0] [--depth 24]
 
 SAO 1.0's model_config.json (stabilityai/stable-audio-open-1.0; stable-audio-tools does not ship it) with one
 change: the T5 prompt conditioner (t5-base, a download) becomes SAT's offline `lut` conditioner at T5's width and
@@ -64,21 +64,26 @@ SAO_CONFIG = {
 OFFLINE_PROMPT = {"id": "prompt", "type": "lut", "config": {"tokenizer_name": "tokenizer", "max_length": 128}}
 
 
-def random_sao_config() -> dict:
-    """SAO 1.0's config with the `lut` prompt conditioner in place of T5."""
+def random_sao_config(depth: int | None = None) -> dict:
+    """SAO 1.0's config with the `lut` prompt conditioner in place of T5 (and `depth` DiT blocks instead of 24:
+    SAO's widths at a fraction of its size, for measurements a shared machine can afford)."""
     config = copy.deepcopy(SAO_CONFIG)
+    if depth is not None:
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be a positive number of DiT blocks, got {depth!r}")
+        config["model"]["diffusion"]["config"]["depth"] = depth
     conditioners = config["model"]["conditioning"]["configs"]
     conditioners[[c["id"] for c in conditioners].index("prompt")] = copy.deepcopy(OFFLINE_PROMPT)
     return config
 
 
-def write_random_sao(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
+def write_random_sao(folder: str | Path, seed: int = 0, depth: int | None = None) -> tuple[Path, Path]:
     """Write model_config.json, tokenizer/ and model.safetensors into `folder`; returns (config, checkpoint)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copytree(EMBEDDED_DIR / "tokenizer", folder / "tokenizer", dirs_exist_ok=True)
     config_path, ckpt_path = folder / "model_config.json", folder / "model.safetensors"
-    config_path.write_text(json.dumps(random_sao_config(), indent=1))
+    config_path.write_text(json.dumps(random_sao_config(depth), indent=1))
     model = make_live(sat.build_model(sat.read_config(config_path)), seed)
     save_file(model.state_dict(), str(ckpt_path))
     return config_path, ckpt_path
@@ -88,8 +93,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--depth", type=int, help="DiT blocks (default: SAO's 24)")
     args = parser.parse_args(argv)
-    config_path, ckpt_path = write_random_sao(args.folder, args.seed)
+    config_path, ckpt_path = write_random_sao(args.folder, args.seed, args.depth)
     print(f"wrote {config_path} and {ckpt_path} ({ckpt_path.stat().st_size / 2**30:.2f} GiB)", file=sys.stderr)
 
 

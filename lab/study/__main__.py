@@ -5,10 +5,13 @@
     torchrun --nproc-per-node 2 -m lab.study build DEFINITION.json ...     (items split over the processes)
     python -m lab.study analyse STUDY_DIR [--csv STUDY_DIR/ratings.csv] [--out STUDY_DIR/analysis]
     python -m lab.study show STUDY_DIR
+    python -m lab.study release STUDY_DIR RATER_ID
 
 A build says what it will cost (clips, time on this machine, disk) before it starts; one estimated over 30 min
 starts only with --yes. A build that stops (Ctrl-C, crash, preemption) resumes where it stopped when run again
-with the same command.
+with the same command. `release` withdraws a rater's registration (someone registered another person's
+platform id first): the id may register again, the slot goes to the next arrival, the analysis excludes the
+released rater's ratings.
 """
 from __future__ import annotations
 
@@ -61,6 +64,19 @@ def cmd_analyse(args) -> None:
 
 def cmd_show(args) -> None:
     print(describe(args.study_dir))
+
+
+def cmd_release(args) -> None:
+    import time
+
+    from lab.study.manifest import load_manifest
+    from lab.study.raters import release
+
+    manifest = load_manifest(args.study_dir, verify=False)
+    record = release(manifest.study_dir, args.rater_id, time.time())
+    print(f"released {args.rater_id} of {manifest.study_id}: their link no longer works, the id "
+          f"{record['platform_id'] or '(anonymous)'} may register again, slot {record['slot']} goes to the next "
+          "arrival, and the analysis excludes their ratings.")
 
 
 def describe(study_dir: str | Path) -> str:
@@ -125,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="summary of a built study, its files verified")
     s.add_argument("study_dir", type=Path)
     s.set_defaults(func=cmd_show)
+
+    r = sub.add_parser("release", help="withdraw a rater (e.g. someone took another person's id): frees the id "
+                                       "and the slot, and the analysis excludes their ratings")
+    r.add_argument("study_dir", type=Path)
+    r.add_argument("rater_id", help="as in raters.json and the ratings' rater_id column")
+    r.set_defaults(func=cmd_release)
     return parser
 
 

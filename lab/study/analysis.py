@@ -6,7 +6,8 @@ Why these choices:
 - Student's t, not the normal approximation: listening tests have few ratings per condition;
 - raters are excluded whole, always with the reason, never silently, when they: fail any attention check
   (they were not listening); fail any gold page (GOLD_MARGINS: the low-pass anchor not rated clearly below
-  the reference); fail the headphone check (lab.study.headphones); rate the MUSHRA hidden reference below 90
+  the reference); fail the headphone check (lab.study.headphones), or did not take it in a study that has
+  one; were released by the experimenter (lab.study.raters.release); rate the MUSHRA hidden reference below 90
   in more than 15 % of their pages (ITU-R BS.1534-3 post-screening); or did not finish (an abandoned design
   slot goes to another rater, whose ratings keep the Latin square balanced: counting both would unbalance it,
   so analyse a closed study, or read the in-progress raters' exclusions as such);
@@ -15,7 +16,10 @@ Why these choices:
   differences against the reference (one-sample test against 0); ACR raters hear each item in one
   condition only (Latin square), so ACR pairs are per rater: the rater's mean for the condition against
   their mean for the reference. The anchor is reported but left out of the tested family: it exists to
-  calibrate the scale, and testing it would only weaken the Holm correction of the real conditions.
+  calibrate the scale, and testing it would only weaken the Holm correction of the real conditions;
+- pacing per rater (time on page over the page's listening time) is reported, and a rater whose every page
+  was submitted within PACING_MARGIN of the minimum is flagged, not excluded: a script that waits out the
+  listening time looks like that, and so does a quick, attentive listener; the experimenter decides.
 """
 from __future__ import annotations
 
@@ -29,13 +33,14 @@ from pathlib import Path
 from scipy import stats
 
 from lab.study.definition import ANCHOR, HIDDEN_REFERENCE, REFERENCE
-from lab.study.manifest import RATERS_FILE
+from lab.study.manifest import MANIFEST_FILE, RATERS_FILE, STUDY_FILE, read_json
 from lab.study.raters import QUESTIONNAIRE, read_records_file
 from lab.study.schema import ANALYSED, ATTENTION, GOLD, NUMBERS, REGULAR
 
 HIDDEN_REFERENCE_THRESHOLD = 90.0  # BS.1534-3: a hidden reference below this counts against the rater
 HIDDEN_REFERENCE_MAX_SHARE = 0.15  # ... in more than this share of the rater's trials: excluded
 CONFIDENCE = 0.95
+PACING_MARGIN = 0.10  # every page within 10 % above its listening time: flagged
 # Gold pages: the anchor must score at least this much below the reference on the same item (MUSHRA: the
 # hidden reference; AB: the anchor row is the answer against the reference, so 2 means "slightly worse" or less).
 GOLD_MARGINS = {"mushra": 20.0, "acr": 1.0, "ab": 2.0}
@@ -78,6 +83,16 @@ class Listening:
 
 
 @dataclass(frozen=True)
+class Pacing:
+    """How long one rater stayed on their pages, as a multiple of each page's listening time."""
+    rater_id: str
+    pages: int
+    median_ratio: float
+    min_ratio: float
+    flagged: bool  # every page within PACING_MARGIN of its listening time
+
+
+@dataclass(frozen=True)
 class Results:
     study_id: str
     test_type: str
@@ -88,6 +103,7 @@ class Results:
     items: tuple[ItemResult, ...]
     listening: Listening
     questionnaire: dict[str, dict[str, int]]  # question -> answer -> raters (with ratings), "not answered" too
+    pacing: tuple[Pacing, ...]  # per rater with ratings
     analysed_rows: tuple[dict, ...]  # the regular pages of the kept raters
 
     def condition(self, name: str) -> ConditionResult:
@@ -141,8 +157,10 @@ def read_rows(csv_path: str | Path) -> list[dict]:
     return rows
 
 
-def screen(rows: list[dict], test_type: str, records: dict[str, dict] | None = None) -> tuple[Exclusion, ...]:
-    """Raters to exclude, each with every reason (see the module docstring); `records` from raters.json."""
+def screen(rows: list[dict], test_type: str, records: dict[str, dict] | None = None,
+           headphone_check: bool = False) -> tuple[Exclusion, ...]:
+    """Raters to exclude, each with every reason (see the module docstring); `records` from raters.json,
+    `headphone_check`: whether the study has one."""
     records = records or {}
     pages: dict[str, set] = defaultdict(set)
     for row in rows:
@@ -153,15 +171,39 @@ def screen(rows: list[dict], test_type: str, records: dict[str, dict] | None = N
     exclusions = []
     for rater in sorted(pages):
         reasons = [reasons[rater] for reasons in found if rater in reasons]
-        record = records.get(rater)
-        if record and (record.get("headphone_check") or {}).get("passed") is False:
-            check = record["headphone_check"]
-            reasons.append(f"failed the headphone check ({check['correct']} of {check['total']} right)")
-        if record and record.get("finished_at") is None:
-            reasons.append(f"did not finish ({len(pages[rater])} pages rated)")
+        reasons += _record_reasons(records.get(rater), headphone_check, len(pages[rater]))
         if reasons:
             exclusions.append(Exclusion(rater, tuple(reasons)))
     return tuple(exclusions)
+
+
+def _record_reasons(record: dict | None, headphone_check: bool, pages: int) -> list[str]:
+    """What raters.json says against a rater: the headphone check, a release, an unfinished study."""
+    if not record:
+        return []
+    reasons = []
+    check = record.get("headphone_check")
+    if check is None and headphone_check:
+        reasons.append("did not take the headphone check")
+    elif check and check.get("passed") is False:
+        reasons.append(f"failed the headphone check ({check['correct']} of {check['total']} right)")
+    if record.get("withdrawn"):
+        reasons.append("released by the experimenter")
+    if record.get("finished_at") is None:
+        reasons.append(f"did not finish ({pages} pages rated)")
+    return reasons
+
+
+def pacing(rows: list[dict]) -> tuple[Pacing, ...]:
+    """Per rater: time on page / listening time over their pages (median, minimum), flagged when every page
+    sits within PACING_MARGIN of the minimum listening time."""
+    ratios: dict[str, dict[str, float]] = defaultdict(dict)
+    for row in rows:
+        if row["time_on_page_s"] is not None and row["listening_s"]:
+            ratios[row["rater_id"]][row["trial_id"]] = row["time_on_page_s"] / row["listening_s"]
+    return tuple(Pacing(rater, len(by_page), statistics.median(by_page.values()), min(by_page.values()),
+                        flagged=max(by_page.values()) <= 1 + PACING_MARGIN)
+                 for rater, by_page in sorted(ratios.items()))
 
 
 def _attention_failures(rows: list[dict]) -> dict[str, str]:
@@ -276,17 +318,17 @@ def screened(csv_path: str | Path, raters_path: str | Path | None = None
              ) -> tuple[list[dict], str, tuple[Exclusion, ...], list[dict]]:
     """(all rows, test type, exclusions, the rows analysed: kept raters' regular pages). The raters file
     (default: raters.json beside the CSV, if any) adds the headphone and did-not-finish exclusions."""
-    return _screened(csv_path, _records(csv_path, raters_path))
+    return _screened(csv_path, *_records(csv_path, raters_path))
 
 
-def _screened(csv_path: str | Path, records: dict[str, dict]
+def _screened(csv_path: str | Path, records: dict[str, dict], headphone_check: bool = False
               ) -> tuple[list[dict], str, tuple[Exclusion, ...], list[dict]]:
     rows = read_rows(csv_path)
     test_types = {row["test_type"] for row in rows}
     if len(test_types) != 1:
         raise ValueError(f"{csv_path} mixes test types {sorted(test_types)}: analyse one study at a time.")
     test_type = test_types.pop()
-    exclusions = screen(rows, test_type, records)
+    exclusions = screen(rows, test_type, records, headphone_check)
     excluded = {exclusion.rater_id for exclusion in exclusions}
     kept_rows = [row for row in rows if row["rater_id"] not in excluded and row["check"] == REGULAR]
     return rows, test_type, exclusions, kept_rows
@@ -294,8 +336,8 @@ def _screened(csv_path: str | Path, records: dict[str, dict]
 
 def results(csv_path: str | Path, raters_path: str | Path | None = None) -> Results:
     """Everything the report shows, computed from the ratings CSV (and the raters file)."""
-    records = _records(csv_path, raters_path)
-    rows, test_type, exclusions, kept_rows = _screened(csv_path, records)
+    records, headphone_check = _records(csv_path, raters_path)
+    rows, test_type, exclusions, kept_rows = _screened(csv_path, records, headphone_check)
     raters = sorted({row["rater_id"] for row in rows})
     excluded = {exclusion.rater_id for exclusion in exclusions}
     shown = [row for row in kept_rows if not (test_type == "ab" and row["condition"] == REFERENCE)]
@@ -303,6 +345,7 @@ def results(csv_path: str | Path, raters_path: str | Path | None = None) -> Resu
                    kept=tuple(r for r in raters if r not in excluded), exclusions=exclusions,
                    conditions=summarise(kept_rows, test_type) if kept_rows else (), items=per_item(shown),
                    listening=listening(kept_rows), questionnaire=questionnaire_counts(records, raters),
+                   pacing=pacing(rows),
                    analysed_rows=tuple(kept_rows))
 
 
@@ -329,8 +372,13 @@ def questionnaire_counts(records: dict[str, dict], raters: list[str]) -> dict[st
             for question in QUESTIONNAIRE}
 
 
-def _records(csv_path: str | Path, raters_path: str | Path | None) -> dict[str, dict]:
+def _records(csv_path: str | Path, raters_path: str | Path | None) -> tuple[dict[str, dict], bool]:
+    """(the raters file's records, whether the study beside it has a headphone check)."""
     path = Path(raters_path) if raters_path else Path(csv_path).parent / RATERS_FILE
     if raters_path and not path.is_file():
         raise ValueError(f"No raters file at {path}.")
-    return read_records_file(path) if path.is_file() else {}
+    if not path.is_file():
+        return {}, False
+    study = next((path.parent / name for name in (MANIFEST_FILE, STUDY_FILE) if (path.parent / name).is_file()), None)
+    headphone_check = bool(read_json(study).get("definition", {}).get("headphone_check")) if study else False
+    return read_records_file(path), headphone_check

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from lab.study.manifest import (
 )
 
 ANCHOR_ORDER = 8  # Butterworth order; filtfilt doubles the attenuation slope
+log = logging.getLogger(__name__)
 BARRIER_TIMEOUT = timedelta(hours=24)  # rank 0 may calibrate quantized models while the others wait
 LARGE_BUILD_SECONDS = 30 * 60  # a build estimated longer than this starts only when confirmed
 
@@ -136,11 +138,37 @@ def build_study(definition: StudyDefinition, loaded: LoadedModel, models: Quanti
         _barrier(group, world_size)
         if rank == 0:
             _write_manifest(study_dir, definition, loaded, request, recipes, key, created)
+            for warning in shared_items(root, load_manifest(study_dir, verify=False)):
+                log.warning(warning)
         _barrier(group, world_size)
     finally:
         if created_group:
             torch.distributed.destroy_process_group()
     return load_manifest(study_dir, verify=False)
+
+
+def shared_items(root: str | Path, manifest: Manifest) -> list[str]:
+    """One warning per other study under `root` built from the same model (fingerprint) with a (prompt, seed)
+    of this one: their clips are the same audio, so a rater of both can label one study's clips with the other's
+    (a MUSHRA study's open reference names the reference of an AB or ACR study)."""
+    mine = set(manifest.definition.items)
+    warnings = []
+    for path in sorted(Path(root).glob(f"*/{STUDY_FILE}")):
+        if path.parent.name == manifest.study_id:
+            continue
+        try:
+            other = read_json(path)
+            items = set(StudyDefinition.from_dict(other["definition"]).items)
+            fingerprint = other["model"]["fingerprint"]
+        except (KeyError, TypeError, ValueError):
+            continue  # not a study this version can read: nothing to compare
+        shared = mine & items
+        if shared and fingerprint == manifest.model["fingerprint"]:
+            warnings.append(f"Study {manifest.study_id!r} shares {len(shared)} of its {len(mine)} items (model, "
+                            f"prompt and seed) with study {path.parent.name!r}: a rater of both hears the same "
+                            "clips in both and can label one study's clips with the other's. Use other seeds "
+                            "(or prompts) unless the raters of the two studies are different people.")
+    return warnings
 
 
 def base_request(definition: StudyDefinition, loaded: LoadedModel) -> GenerationRequest:

@@ -6,6 +6,12 @@ inverted in one ear. Over headphones the brain hears a faint tone in that noise;
 channels mix in the air and the tone disappears. Each trial plays three noises, one with the tone; the
 rater says which. Six trials, pass with at least five right (chance of passing by guessing: 1.8 %).
 
+The other two noises are not identical in both ears either: every frequency of the right channel is turned
+by the same small phase angle (random sign per frequency), a broadband decorrelation with no pitch, sized so
+that the L-R difference carries exactly the target's share of the energy. A script that takes the interval
+whose channels differ (the largest |L-R|, or L-R energy) therefore guesses; one that analyses where in the
+spectrum L and R differ can still find the target band, as a script can analyse the study's clips.
+
 Stimuli are generated here (numpy), deterministic per (study secret, rater): a reload gives the same trials.
 The answers stay on the server: `score_headphone_check` recomputes them; a rater takes the check once.
 """
@@ -87,18 +93,27 @@ def _intervals(secret: bytes, rater_id: str, index: int) -> list[bytes]:
     rng = np.random.default_rng(seed)
     pitch = PITCHES_HZ[int(rng.integers(len(PITCHES_HZ)))]
     target = _target(secret, rater_id, index)
-    return [wav_bytes(huggins_noise(rng, pitch if interval == target else None), SAMPLE_RATE, b"")
+    return [wav_bytes(huggins_noise(rng, pitch, huggins=interval == target), SAMPLE_RATE, b"")
             for interval in range(INTERVALS)]
 
 
-def huggins_noise(rng: np.random.Generator, pitch: float | None) -> np.ndarray:
-    """(2, samples) white noise; with `pitch`, the band pitch ± 6 % phase-inverted in the right channel only."""
+def huggins_noise(rng: np.random.Generator, pitch: float, *, huggins: bool) -> np.ndarray:
+    """(2, samples) white noise whose right channel differs from the left as much as a Huggins band at `pitch`
+    would make it: with `huggins`, the band pitch ± 6 % phase-inverted (the tone); without, every frequency
+    turned by a small angle of random sign (no tone, the same L-R energy share)."""
     samples = int(SAMPLE_RATE * SECONDS)
     spectrum = np.fft.rfft(rng.standard_normal(samples))
+    frequencies = np.fft.rfftfreq(samples, 1 / SAMPLE_RATE)
+    band = np.abs(frequencies - pitch) <= BANDWIDTH * pitch
     right = spectrum.copy()
-    if pitch is not None:
-        frequencies = np.fft.rfftfreq(samples, 1 / SAMPLE_RATE)
-        right[np.abs(frequencies - pitch) <= BANDWIDTH * pitch] *= -1
+    if huggins:
+        right[band] *= -1
+    else:  # |1 - e^(i·angle)|² = 4·sin²(angle/2) = 4·band share, the L-R energy the band inversion gives
+        power = np.abs(spectrum) ** 2
+        angle = 2 * np.arcsin(np.sqrt(np.sum(power[band]) / np.sum(power[1:-1])))
+        signs = rng.choice((-1.0, 1.0), size=len(spectrum))
+        signs[[0, -1]] = 0.0  # DC and Nyquist stay real
+        right *= np.exp(1j * angle * signs)
     stereo = np.stack([np.fft.irfft(spectrum, samples), np.fft.irfft(right, samples)])
     stereo *= LEVEL_RMS / np.sqrt(np.mean(stereo[0] ** 2))
     ramp = np.minimum(1.0, np.minimum(np.arange(samples), np.arange(samples)[::-1]) / (RAMP_S * SAMPLE_RATE))

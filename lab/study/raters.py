@@ -4,7 +4,14 @@ known about each rater (platform ids, headphone check, questionnaire, when they 
 Why it works this way:
 - a rater id in a link proves nothing, so registration returns a token (the rater id plus its HMAC under the
   study secret) and everything after registration needs it; a platform id (Prolific's PROLIFIC_PID, else
-  `rater`) is bound to its first registration, so a second browser cannot take over someone's ratings;
+  `rater`) is bound to its first registration, so a second browser cannot take over someone's ratings.
+  Platform ids are compared after NFKC normalisation and case folding (`Bob`, `bob` and a fullwidth `Ｂob` are
+  one participant) and may not hold control or invisible format characters (`Bob` plus a zero-width space is
+  refused); look-alike letters of other scripts (a Cyrillic `о` in `Bob`) are not caught, which is why a study
+  with money at stake should take ids the platform issues. `release` lets the experimenter free an id someone
+  else took first;
+- one client address holds at most `Slots.unfinished_per_client` live unfinished registrations of a study, so
+  one machine cannot fill the study's cap (the address is kept as a keyed hash, never in clear);
 - the Latin square gives slot k the k-th block of the design, and balance holds over any prefix of slots.
   Crowd raters drop out, so a slot whose rater has not finished `abandon_minutes` after registering is
   released and given to the next arrival (lowest slot first): the raters who finish keep filling a prefix of
@@ -20,9 +27,11 @@ import fcntl
 import hmac
 import json
 import os
+import re
 import secrets
 import tempfile
 import threading
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +54,11 @@ ALREADY_STARTED = ("You have already started this study: continue in the browser
 EXPIRED = ("This session has expired: it was not finished in time, and your place went to another participant. "
            "Return the study on your platform, or contact the researcher.")
 INVALID_TOKEN = "This study link is not valid for you: open the study again from the link you were given."
+TOO_MANY_UNFINISHED = ("Your network already has unfinished places in this study: finish (or return) those "
+                       "first, then try again.")
+PROLIFIC_PID = re.compile(r"[0-9a-fA-F]{24}")
+INVISIBLE = ("Cc", "Cf")  # Unicode control and format characters (zero-width spaces, direction marks)
+ANSWERED = "You have already answered the questionnaire."
 _lock = threading.Lock()
 T = TypeVar("T")
 
@@ -65,6 +79,7 @@ class Slots:
     """How long a slot is held and how many may be held at once (from the study definition)."""
     abandon_s: float
     max_raters: int | None = None
+    unfinished_per_client: int | None = None  # live unfinished registrations one client address may hold
 
 
 def clean_rater_id(rater_id: object) -> str:
@@ -72,9 +87,17 @@ def clean_rater_id(rater_id: object) -> str:
     text = " ".join(str(rater_id or "").split())
     if not text:
         raise ValueError("Enter your participant id to start.")
+    if any(unicodedata.category(char) in INVISIBLE for char in text):
+        raise ValueError("Your participant id contains invisible or control characters: type it again, or copy "
+                         "it from your platform without anything around it.")
     if len(text) > MAX_RATER_ID_CHARS:
         raise ValueError(f"Your participant id is {len(text)} characters long; at most {MAX_RATER_ID_CHARS}.")
     return text
+
+
+def identity(platform_id: str) -> str:
+    """What two platform ids must share to be the same participant: NFKC-normalised and case-folded."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", platform_id).casefold())
 
 
 def token_for(secret: bytes, rater_id: str) -> str:
@@ -96,21 +119,61 @@ def rater_of_token(secret: bytes, token: object) -> str:
 
 
 def register(study_dir: str | Path, secret: bytes, platform: Mapping[str, str], slots: Slots,
-             now: float) -> Registration:
-    """A new rater with the lowest free slot; RaterRefused when the platform id is known or the study full."""
+             now: float, client: str = "") -> Registration:
+    """A new rater with the lowest free slot; RaterRefused when the platform id is known, the study full or
+    `client` holds too many unfinished places; ValueError when an id is malformed."""
     fields = {key: clean_rater_id(platform[key]) for key in PLATFORM_KEYS if str(platform.get(key) or "").strip()}
+    if "PROLIFIC_PID" in fields and not PROLIFIC_PID.fullmatch(fields["PROLIFIC_PID"]):
+        raise ValueError("Your Prolific id should be 24 letters and digits (0-9, a-f): open the study from its "
+                         "Prolific link, or copy the id from your Prolific account.")
     platform_id = next((fields[key] for key in ID_KEYS if key in fields), None)
-    rater_id = platform_id or f"anon-{secrets.token_hex(8)}"
+    client_key = digest(secret, "client", client).hex()[:16]
 
-    def add(records: dict) -> None:
-        if rater_id in records:
-            raise RaterRefused(EXPIRED if _expired(records[rater_id], slots, now) else ALREADY_STARTED)
-        slot = _free_slot(records, slots, now)
-        records[rater_id] = {"slot": slot, "registered_at": now, "platform_id": platform_id, "platform": fields,
-                             "finished_at": None, "released": False, "headphone_check": None, "questionnaire": None}
+    def add(records: dict) -> str:
+        if platform_id is not None:
+            same = [record for record in records.values() if not record.get("withdrawn")
+                    and record["platform_id"] is not None and identity(record["platform_id"]) == identity(platform_id)]
+            if same:
+                raise RaterRefused(EXPIRED if _expired(same[0], slots, now) else ALREADY_STARTED)
+        if slots.unfinished_per_client is not None and sum(
+                record.get("client") == client_key and record["finished_at"] is None and not _expired(record, slots, now)
+                for record in records.values()) >= slots.unfinished_per_client:
+            raise RaterRefused(TOO_MANY_UNFINISHED)
+        rater_id = _new_rater_id(records, platform_id)
+        records[rater_id] = {"slot": _free_slot(records, slots, now), "registered_at": now, "platform_id": platform_id,
+                             "platform": fields, "client": client_key, "finished_at": None, "released": False,
+                             "headphone_check": None, "questionnaire": None}
+        return rater_id
 
-    _update(study_dir, add)
+    rater_id = _update(study_dir, add)
     return Registration(rater_id, token_for(secret, rater_id), platform_id)
+
+
+def _new_rater_id(records: dict, platform_id: str | None) -> str:
+    """The platform id itself, or with a suffix when an experimenter released an earlier holder of it (whose
+    rows keep the plain id); a random id for an anonymous rater."""
+    if platform_id is None:
+        return f"anon-{secrets.token_hex(8)}"
+    taken = {identity(rater_id) for rater_id in records}
+    base = platform_id[:MAX_RATER_ID_CHARS - 4]
+    return next(candidate for candidate in [platform_id] + [f"{base}~{n}" for n in range(2, 1000)]
+                if identity(candidate) not in taken)
+
+
+def release(study_dir: str | Path, rater_id: str, now: float) -> dict:
+    """Withdraw a registration (the experimenter's decision, e.g. someone registered another person's id first):
+    its token stops working, its platform id may register again, its slot goes to the next arrival, and the
+    analysis excludes its ratings. Returns the record; ValueError for an unknown or already released rater."""
+    def withdraw(records: dict) -> dict:
+        record = records.get(rater_id)
+        if record is None:
+            known = ", ".join(list(records)[:5]) or "none yet"
+            raise ValueError(f"No rater {rater_id!r} in {Path(study_dir)} (registered, first ones: {known}).")
+        if record.get("withdrawn"):
+            raise ValueError(f"Rater {rater_id!r} was already released.")
+        record.update(withdrawn=now)
+        return dict(record)
+    return _update(study_dir, withdraw)
 
 
 def resume(study_dir: str | Path, secret: bytes, token: object, slots: Slots, now: float) -> Registration:
@@ -143,7 +206,8 @@ def mark_finished(study_dir: str | Path, rater_id: str, now: float) -> None:
 
 
 def record_questionnaire(study_dir: str | Path, rater_id: str, answers: Mapping[str, str]) -> None:
-    """Store the optional questionnaire (every field optional, answers from QUESTIONNAIRE); ValueError otherwise."""
+    """Store the optional questionnaire (every field optional, answers from QUESTIONNAIRE), once; ValueError
+    otherwise."""
     if not isinstance(answers, Mapping):
         raise ValueError("The questionnaire answers are missing: answer or skip each question.")
     unknown = sorted(set(answers) - set(QUESTIONNAIRE))
@@ -156,7 +220,7 @@ def record_questionnaire(study_dir: str | Path, rater_id: str, answers: Mapping[
         if answer not in QUESTIONNAIRE[field]:
             raise ValueError(f"Choose one of the offered answers for {field}: {', '.join(QUESTIONNAIRE[field])}.")
         kept[field] = answer
-    set_field(study_dir, rater_id, "questionnaire", kept)
+    set_field(study_dir, rater_id, "questionnaire", kept, once=ANSWERED)
 
 
 def set_field(study_dir: str | Path, rater_id: str, field: str, value, *, once: str | None = None) -> None:
@@ -196,6 +260,8 @@ def read_raters(study_dir: str | Path) -> list[str]:
 
 
 def _expired(record: dict, slots: Slots, now: float) -> bool:
+    if record.get("withdrawn"):
+        return True
     if record["finished_at"] is not None:
         return False
     return record["released"] or now - record["registered_at"] > slots.abandon_s

@@ -5,14 +5,17 @@ an unknown id gets the same message whether the folder is missing, unfinished or
 nothing about which studies exist. Manifests are verified once when first served and kept with their stores.
 
 Registration is where a crowd study is defended: a signed token per rater (lab.study.raters), the study's
-cap on raters, and a sliding window of registrations per client address (in memory, per app process), so a
-script cannot fill a study with made-up raters.
+cap on raters, at most `unfinished_per_client` live unfinished places per client address and study (kept in
+raters.json, so every process sees them), and a sliding window of registrations per client address (in
+memory, per app process, bounded), so a script cannot fill a study with made-up raters.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,8 @@ from lab.study.manifest import MANIFEST_FILE, Manifest, StudyError, load_manifes
 from lab.study.raters import RaterRefused, Registration
 from lab.study.store import RatingsStore
 
+log = logging.getLogger(__name__)
+MAX_TRACKED_CLIENTS = 10_000  # addresses in the registration window kept in memory; the oldest go first
 TOO_MANY = "Too many registrations from your network in a short time: wait a few minutes and try again."
 
 
@@ -41,16 +46,17 @@ UNKNOWN_STUDY = "This study link is not valid. Check the link you were given, or
 class Studies:
     def __init__(self, root: str | Path, *, dataset_repo: str | None = None, push_minutes: int = 5,
                  registrations_per_client: int = 10, registration_window_s: float = 600.0,
-                 clock: Callable[[], float] = time.time):
+                 unfinished_per_client: int | None = 2, clock: Callable[[], float] = time.time):
         self.root = Path(root)
         self.dataset_repo = dataset_repo
         self.push_minutes = push_minutes
         self.registrations_per_client = registrations_per_client
         self.registration_window_s = registration_window_s
+        self.unfinished_per_client = unfinished_per_client
         self.clock = clock  # seconds; tests pass a fake one to simulate hours of a study
         self._served: dict[str, tuple[Manifest, RatingsStore]] = {}
         self._lock = threading.Lock()
-        self._recent: dict[str, deque[float]] = defaultdict(deque)  # client -> registration times in the window
+        self._recent: dict[str, deque[float]] = {}  # client -> registration times in the window, oldest first
 
     def ids(self) -> list[str]:
         """The built studies (those with a manifest), by id."""
@@ -75,7 +81,8 @@ class Studies:
             return self._served[study_id]
 
     def build(self, definition: StudyDefinition, loaded, models, *, progress: bool = True) -> Manifest:
-        """Build (or resume) a study under this root; it is served from then on."""
+        """Build (or resume) a study under this root; it is served from then on (the build logs the other
+        studies of this root that share items with it: lab.study.build.shared_items)."""
         manifest = build_study(definition, loaded, models, self.root, progress=progress)
         with self._lock:
             self._served.pop(definition.study_id, None)
@@ -88,13 +95,30 @@ class Studies:
         manifest, _ = self.get(study_id)
         now = self.clock()
         with self._lock:
-            recent = self._recent[str(client)]
-            while recent and recent[0] <= now - self.registration_window_s:
-                recent.popleft()
+            recent = self._recent_registrations(str(client), now)
             if len(recent) >= self.registrations_per_client:
                 raise RaterRefused(TOO_MANY)
             recent.append(now)
-        return raters.register(manifest.study_dir, manifest.secret(), platform, slot_rules(manifest.definition), now)
+        slots = dataclasses.replace(slot_rules(manifest.definition), unfinished_per_client=self.unfinished_per_client)
+        return raters.register(manifest.study_dir, manifest.secret(), platform, slots, now, client=str(client))
+
+    def _recent_registrations(self, client: str, now: float) -> deque[float]:
+        """`client`'s registration times inside the window (moved to the end of the table, which forgets the
+        clients with none left and, past MAX_TRACKED_CLIENTS, the longest quiet). Call under the lock."""
+        recent = self._recent.pop(client, deque())
+        while recent and recent[0] <= now - self.registration_window_s:
+            recent.popleft()
+        for other in [key for key, times in self._recent.items() if not times or times[-1] <= now - self.registration_window_s]:
+            del self._recent[other]
+        while len(self._recent) >= MAX_TRACKED_CLIENTS:
+            del self._recent[next(iter(self._recent))]
+        self._recent[client] = recent
+        return recent
+
+    def release(self, study_id: str, rater_id: str) -> dict:
+        """Free a rater's id and slot (lab.study.raters.release); the experimenter's command."""
+        manifest, _ = self.get(study_id)
+        return raters.release(manifest.study_dir, rater_id, self.clock())
 
     def resume(self, study_id: str, token: str) -> Registration:
         """The registration behind a token; RaterRefused if forged, unknown or expired."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from lab.study.analysis import GOLD_MARGINS, Results, condition_order, results
+from lab.study.analysis import GOLD_MARGINS, PACING_MARGIN, Results, condition_order, results
 from lab.study.definition import REFERENCE, SCALES
 
 REPORT_FILE = "report.md"
@@ -96,7 +96,7 @@ def to_markdown(report: Results, plot_name: str = PLOT_FILE) -> str:
         lines.append("")
     if report.conditions:
         lines += _results_tables(report)
-    lines += _listening_lines(report) + _questionnaire_lines(report)
+    lines += _listening_lines(report) + _pacing_lines(report) + _questionnaire_lines(report)
     lines += ["## Method", "", _method(report.test_type), "", f"Plot: `{plot_name}`.", ""]
     return "\n".join(lines)
 
@@ -127,6 +127,21 @@ def _listening_lines(report: Results) -> list[str]:
             f"{_number(heard.streams_per_clip, 1)} complete transfers per clip as the server counted them.", ""]
 
 
+def _pacing_lines(report: Results) -> list[str]:
+    """Per rater, time on page as a multiple of the page's listening time; flagged: never more than the margin."""
+    if not report.pacing:
+        return []
+    flagged = [p.rater_id for p in report.pacing if p.flagged]
+    lines = ["## Pacing (every rater with ratings)", "",
+             f"Time on page divided by the page's listening time (the server refuses a page under 1). Flagged: "
+             f"every page within {PACING_MARGIN:.0%} of the minimum, as a script that waits out the listening time "
+             f"would be; flagged raters are not excluded ({len(flagged)} flagged).", "",
+             "| rater | pages | median | minimum | flagged |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {_cell(p.rater_id)} | {p.pages} | {_number(p.median_ratio)} | {_number(p.min_ratio)} | "
+              f"{'yes' if p.flagged else ''} |" for p in report.pacing]
+    return lines + [""]
+
+
 def _questionnaire_lines(report: Results) -> list[str]:
     if not report.questionnaire:
         return []
@@ -143,8 +158,8 @@ def _cell(text: str) -> str:
 def _method(test_type: str) -> str:
     common = ("Intervals: mean ± t(0.975, n−1)·s/√n. Raters are excluded, with the reason, when they fail any "
               "attention check, any gold check (the low-pass anchor rated at least "
-              f"{GOLD_MARGINS[test_type]:g} below the reference on the same item), or the headphone check, or did "
-              "not finish. p-values: two-sided Wilcoxon signed-rank test of each quantized condition against the "
+              f"{GOLD_MARGINS[test_type]:g} below the reference on the same item), or the headphone check (or did "
+              "not take it), were released by the experimenter, or did not finish. p-values: two-sided Wilcoxon signed-rank test of each quantized condition against the "
               "reference, Holm-corrected over those conditions (the anchor is not tested). ")
     pairing = {
         "acr": "ACR (ITU-T P.800, 1 Bad … 5 Excellent). Each rater hears an item in one condition (Latin square), "

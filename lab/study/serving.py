@@ -8,9 +8,13 @@ count of complete transfers the ratings store asks for before it accepts a page.
   503) with a log line naming the file, because some raters would otherwise hear other audio than the rest.
 - A rater receives `blinding.presented_copy` of a stimulus: same size as every other file of the study, its own
   dither, so no two files of a page are byte-identical. `served.jsonl` in the study folder records what was
-  sent (rater, page, label, condition, sha256 of the bytes, whether the transfer completed).
-- A clip counts as streamed for a rater's page only when the response generator has yielded its last byte:
-  a page that asks the server to count plays, or a client that fetches half a file, streams nothing.
+  sent (rater, page, label, condition, sha256 of the bytes, whether every byte was written to the connection).
+- A clip counts as streamed for a rater's page only when its last byte has been written to the connection
+  (the response generator has yielded it and the server sent it on): a page that asks the server to count
+  plays streams nothing. That is all a server can know: a client that drops the bytes it received, or aborts
+  after the last chunk left the server, still counts.
+- The table of issued URL tokens is bounded (MAX_ISSUED, the least recently issued forgotten first): a
+  forgotten token answers "not found" and the page's reload issues it again.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -29,6 +33,7 @@ from lab.study.manifest import Manifest
 log = logging.getLogger(__name__)
 SERVED_LOG = "served.jsonl"
 CHUNK_BYTES = 64 * 1024
+MAX_ISSUED = 200_000  # URL tokens remembered (about 100 MB at most); far more than the clips raters hold open
 UNAVAILABLE = ("This study is paused: one of its audio files failed a check. The experimenter has been told; "
                "please try again later.")
 
@@ -50,12 +55,13 @@ class Clip:
 
 
 class AudioServer:
-    """What every rater of the app's studies was given, and what reached them. Thread-safe."""
+    """What every rater of the app's studies was given, and what was written to their connections. Thread-safe."""
 
-    def __init__(self):
+    def __init__(self, max_issued: int = MAX_ISSUED):
+        self.max_issued = max_issued
         self._verified: dict[tuple[str, str, str], bytes] = {}  # (study, file, sha256) -> checked bytes
         self._damaged: dict[str, Manifest] = {}  # study -> the manifest a file failed (a rebuild brings a new one)
-        self._issued: dict[tuple[str, str], Clip] = {}  # (study, token) -> clip
+        self._issued: OrderedDict[tuple[str, str], Clip] = OrderedDict()  # (study, token) -> clip, oldest first
         self._streamed: dict[tuple[str, str, str], Counter] = {}  # (study, rater, page) -> label -> transfers
         self._lock = threading.Lock()
 
@@ -64,6 +70,9 @@ class AudioServer:
         token = audio_token(manifest.secret(), clip.rater_id, clip.page, clip.label)
         with self._lock:
             self._issued[(clip.study_id, token)] = clip
+            self._issued.move_to_end((clip.study_id, token))
+            while len(self._issued) > self.max_issued:
+                self._issued.popitem(last=False)
         return token
 
     def clip(self, study_id: str, rater_id: str, token: str) -> Clip | None:
@@ -107,8 +116,8 @@ class AudioServer:
             return self._verified.setdefault(key, data)
 
     def stream(self, manifest: Manifest, clip: Clip, body: bytes) -> Iterator[bytes]:
-        """Yield `body` in chunks; count the transfer for the rater's page only once the last chunk has gone,
-        and log what was sent either way."""
+        """Yield `body` in chunks; count the transfer for the rater's page only once the last chunk has been
+        written to the connection (the server asks for the next one after sending it), and log either way."""
         complete = False
         try:
             for start in range(0, len(body), CHUNK_BYTES):
@@ -120,7 +129,7 @@ class AudioServer:
             self._log(manifest, clip, body, complete)
 
     def streamed(self, study_id: str, rater_id: str, page: str) -> dict[str, int]:
-        """label -> complete transfers of that clip to `rater_id` for `page`."""
+        """label -> transfers of that clip to `rater_id` for `page` written to the connection in full."""
         with self._lock:
             return dict(self._streamed.get((study_id, rater_id, page), {}))
 

@@ -118,7 +118,7 @@ class RatingsStore:
             raise ValueError("The page's presentation time is missing or in the future: reload the page.")
         listening = self.listening_seconds(trial)
         if now - presented_at < listening:
-            raise ValueError(f"The clips on this page take {listening:.0f} s to play: listen to each of them "
+            raise ValueError(f"The clips on this page take {math.ceil(listening)} s to play: listen to each of them "
                              "to the end before rating.")
         answers = _answers(trial, scores, self.manifest.definition.require_max_rating)
         text = " ".join(str(comment or "").split())

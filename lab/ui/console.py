@@ -21,7 +21,7 @@ from lab.generation import CFG_RANGE, SAMPLERS, STEPS_RANGE, GenerationRequest
 from lab.methods import METHODS, PRECISIONS, WEIGHT_ONLY, describe, recipe_name
 from lab.requests import unknown_words_refusal
 from lab.study import StudyDefinition, analyse
-from lab.study.build import estimate_build
+from lab.study.build import estimate_build, shared_items
 from lab.study.health import check_study
 from lab.study.registry import Studies
 
@@ -128,8 +128,9 @@ class Console:
             bool(confirmed), f"tick '{CONFIRM_LARGE}'")
         manifest = self.studies.build(definition, self.lab.loaded, self.lab.quantized)
         stimuli = sum(len(item.stimuli) for item in manifest.items)
+        warnings = "".join(f"\n\n**Warning:** {warning}" for warning in shared_items(self.studies.root, manifest))
         return (f"Built **{manifest.study_id}**: {len(manifest.items)} items, {stimuli} stimuli. Rater link: "
-                f"`/?study={manifest.study_id}` (add `&rater=ID` to fix a participant id).",
+                f"`/?study={manifest.study_id}` (add `&rater=ID` to fix a participant id).{warnings}",
                 studies_table(self.studies), gr.Dropdown(choices=self.studies.ids(), value=manifest.study_id))
 
     def analyse(self, study_id):

@@ -5,10 +5,13 @@ Gradio's login route (`POST <mount>/login`, a form with `username` and `password
 middleware in front of that one path: per client address, each failure in a row delays the next attempt (0.5 s,
 doubling up to 30 s; a success resets it), each failure is one warning line in the log (address and counts, never
 what was typed), and past `max_failures` failures in `window_s` the client gets 429 with a Retry-After until the
-oldest failure leaves the window. Every other request passes through untouched (no buffering of Gradio's streams).
+oldest failure leaves the window. An attempt counts against the limit from the moment it is let through
+(pending until Gradio answers), so parallel requests cannot have more than `max_failures` passwords checked per
+window. Every other request passes through untouched (no buffering of Gradio's streams). Clients with no
+failure left in the window are forgotten, and at most MAX_CLIENTS are kept (the quietest go first).
 
-The address is the one uvicorn reports: behind a proxy, run uvicorn with the proxy's address in
-`--forwarded-allow-ips` so X-Forwarded-For names the real client.
+The address is the one uvicorn reports: `ptq-lab` trusts no X-Forwarded-For unless told which proxy sends it
+(`--forwarded-allow-ips`), so a client cannot name itself.
 """
 from __future__ import annotations
 
@@ -17,18 +20,20 @@ import json
 import logging
 import math
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 LOGIN_FAILED = 400  # Gradio's answer to wrong credentials
+MAX_CLIENTS = 10_000
 
 
 @dataclass
 class _Client:
     in_a_row: int = 0  # failures since the last success
     failures: deque[float] = field(default_factory=deque)  # times of failures inside the window
+    pending: int = 0  # attempts let through whose answer has not come back yet
 
 
 class LoginThrottle:
@@ -41,17 +46,15 @@ class LoginThrottle:
         self.first_delay_s, self.max_delay_s = first_delay_s, max_delay_s
         self.max_failures, self.window_s = max_failures, window_s
         self.clock = clock
-        self._clients: dict[str, _Client] = defaultdict(_Client)
+        self._clients: dict[str, _Client] = {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != self.login_path:
             return await self.app(scope, receive, send)
         address = scope["client"][0] if scope.get("client") else "unknown"
-        client = self._clients[address]
+        client = self._client(address)
         if retry_after := self._retry_after(client):
             return await _too_many(send, retry_after)
-        if client.in_a_row:
-            await asyncio.sleep(min(self.first_delay_s * 2 ** (client.in_a_row - 1), self.max_delay_s))
         status = []
 
         async def send_noting_status(message):
@@ -59,7 +62,13 @@ class LoginThrottle:
                 status.append(message["status"])
             await send(message)
 
-        await self.app(scope, receive, send_noting_status)
+        client.pending += 1  # no await since the check above: parallel attempts see this one
+        try:
+            if client.in_a_row:
+                await asyncio.sleep(min(self.first_delay_s * 2 ** (client.in_a_row - 1), self.max_delay_s))
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            client.pending -= 1
         if status and status[0] == LOGIN_FAILED:
             client.in_a_row += 1
             client.failures.append(self.clock())
@@ -68,13 +77,27 @@ class LoginThrottle:
         elif status and status[0] < 400:
             self._clients.pop(address, None)
 
+    def _client(self, address: str) -> _Client:
+        """The address's record; past MAX_CLIENTS, records with nothing in the window go first, then the oldest."""
+        if address not in self._clients and len(self._clients) >= MAX_CLIENTS:
+            now = self.clock()
+            for other, client in list(self._clients.items()):
+                if not client.pending and not any(t > now - self.window_s for t in client.failures):
+                    del self._clients[other]
+            while len(self._clients) >= MAX_CLIENTS:
+                del self._clients[next(iter(self._clients))]
+        return self._clients.setdefault(address, _Client())
+
     def _retry_after(self, client: _Client) -> int:
-        """Seconds until `client` may try again (0: now), the window's old failures forgotten."""
+        """Seconds until `client` may try again (0: now), the window's old failures forgotten; attempts still
+        waiting for their answer count as failures."""
         now = self.clock()
         while client.failures and client.failures[0] <= now - self.window_s:
             client.failures.popleft()
-        if len(client.failures) < self.max_failures:
+        if len(client.failures) + client.pending < self.max_failures:
             return 0
+        if not client.failures:
+            return max(1, math.ceil(self.first_delay_s))  # the limit is all pending: ask again once they answer
         return max(1, math.ceil(client.failures[0] + self.window_s - now))
 
 

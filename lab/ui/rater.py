@@ -4,8 +4,15 @@ Everything that decides what a rater hears stays on the server. A rater register
 `Studies.register` and gets a signed token, which the page keeps in local storage and sends with every call
 (header `X-Rater-Token`); without it nothing answers, so a link's `?rater=` alone cannot act as someone else.
 The page receives prompts, blind labels and per-rater audio URLs only (lab.study.serving); the server
-records when it showed each page and which clips reached the rater in full, and the ratings store refuses a
-page before every clip has streamed and its listening time has passed.
+records when it showed each page and which clips were written to the rater's connection in full, and the
+ratings store refuses a page before every clip has streamed and its listening time has passed. A study with a
+headphone check shows no page before the check's result is stored.
+
+Registration is the one call without a token, so it is the one a hostile web page could make from a
+visitor's browser: it takes only `Content-Type: application/json` (a form or text body, which a page of
+another site may send without asking, gets 415) and refuses requests another site started (an `Origin`
+other than this server's host, or `Sec-Fetch-Site: cross-site`: 403). Every body under /api/study/ is
+bounded (MAX_BODY_BYTES, 413).
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Body, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,6 +52,10 @@ PAGE_SECURITY = {"Content-Security-Policy": "default-src 'self'; img-src 'self';
                                             "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
                  "Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
 AUDIO_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+MAX_BODY_BYTES = 64 * 1024  # a page's ratings and comment are a few kB
+API_PREFIX = "/api/study/"
+NO_HEADPHONE_CHECK = "This study has no headphone check."
+TAKE_HEADPHONE_CHECK = "Take the headphone check first: it comes before the rating pages."
 JSON_BODY = Body(None)  # any JSON: the handlers check its shape and answer in words, not a validation dump
 RATER_TOKEN = Header(None, alias=TOKEN_HEADER)
 
@@ -112,6 +124,18 @@ class RaterApi:
             raise ApiError(401, NO_TOKEN)
         return self.studies.resume(study_id, token)  # RaterRefused: forged, unknown or expired
 
+    def require_headphone_result(self, manifest: Manifest, registration: Registration) -> None:
+        """409 until the rater's headphone check is scored, in a study that has one."""
+        if manifest.definition.headphone_check and \
+                rater_record(manifest.study_dir, registration.rater_id).get("headphone_check") is None:
+            raise ApiError(409, TAKE_HEADPHONE_CHECK)
+
+    def with_headphone_check(self, study_id: str) -> Manifest:
+        manifest, _ = self.study(study_id)
+        if not manifest.definition.headphone_check:
+            raise ApiError(404, NO_HEADPHONE_CHECK)
+        return manifest
+
     def register(self, study_id: str, body: Any, client: str) -> dict:
         self.study(study_id)
         given = body.get("platform", {}) if isinstance(body, Mapping) else {}
@@ -141,6 +165,7 @@ class RaterApi:
     def familiarisation(self, study_id: str, registration: Registration) -> dict:
         """Every stimulus of the first item but the hidden reference, in an order only the server can derive."""
         manifest, _ = self.study(study_id)
+        self.require_headphone_result(manifest, registration)
         stimuli = [s for s in manifest.items[0].stimuli if s.condition != HIDDEN_REFERENCE]
         rater_rng(manifest.secret(), FAMILIARISATION, registration.rater_id).shuffle(stimuli)
         clips = [Clip(manifest.study_id, registration.rater_id, FAMILIARISATION, f"Example {index}", s.condition,
@@ -150,6 +175,7 @@ class RaterApi:
     def page(self, study_id: str, registration: Registration) -> dict:
         """The first unrated page (recording when it was first shown), or the completion code."""
         manifest, store = self.study(study_id)
+        self.require_headphone_result(manifest, registration)
         rater_id = registration.rater_id
         remaining = store.progress(rater_id).remaining
         if not remaining:
@@ -168,6 +194,7 @@ class RaterApi:
 
     def submit(self, study_id: str, registration: Registration, token: str, body: Any) -> dict:
         manifest, store = self.study(study_id)
+        self.require_headphone_result(manifest, registration)
         body = body if isinstance(body, Mapping) else {}
         rater_id = registration.rater_id
         trial = next((t for t in trials_for(manifest, rater_id) if t.trial_id == body.get("trial_id")), None)
@@ -182,7 +209,7 @@ class RaterApi:
         return {"message": submission.message or ""}
 
     def headphones(self, study_id: str, registration: Registration) -> dict:
-        manifest, _ = self.study(study_id)
+        manifest = self.with_headphone_check(study_id)
         rater_id = registration.rater_id
         trials = []
         for trial in headphone_check(manifest, rater_id).trials:
@@ -194,7 +221,7 @@ class RaterApi:
         return {"trials": trials}
 
     def answer_headphones(self, study_id: str, registration: Registration, body: Any) -> dict:
-        manifest, _ = self.study(study_id)
+        manifest = self.with_headphone_check(study_id)
         answers = body.get("answers") if isinstance(body, Mapping) else None
         if not isinstance(answers, list):
             raise ApiError(400, "Answer every question of the headphone check.")
@@ -221,6 +248,57 @@ class RaterApi:
                                  headers={**AUDIO_HEADERS, "Content-Length": str(len(body))})
 
 
+def refuse_foreign_request(request: Request) -> None:
+    """ApiError unless the request is JSON and was started by a page of this server (see the module docstring)."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, "Send the registration as JSON (Content-Type: application/json).")
+    origin = request.headers.get("origin")
+    if request.headers.get("sec-fetch-site") == "cross-site" or (
+            origin is not None and urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower()):
+        raise ApiError(403, "Open the study from its own link: registration from another site is refused.")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body under /api/study/ over `max_bytes` gets 413 before any handler reads it
+    (by its Content-Length, or while a chunked body is read)."""
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX) or scope["method"] in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            return await self.too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self.too_large(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def too_large(self, scope, receive, send):
+        response = JSONResponse({"error": f"The request is too large (at most {self.max_bytes // 1024} kB)."},
+                                status_code=413)
+        await response(scope, receive, send)
+
+
 def build_rater_router(studies: Studies) -> APIRouter:
     """The page at / and its API; every call but registration needs the rater's token."""
     api = RaterApi(studies)
@@ -233,6 +311,7 @@ def build_rater_router(studies: Studies) -> APIRouter:
     @router.post("/api/study/{study_id}/register")
     @answered
     def register(study_id: str, request: Request, body: Any = JSON_BODY):
+        refuse_foreign_request(request)
         return api.register(study_id, body, request.client.host if request.client else "")
 
     def with_rater(name: str, method: str, call):
@@ -260,6 +339,7 @@ def build_rater_router(studies: Studies) -> APIRouter:
 def mount_rater(server: FastAPI, studies: Studies) -> None:
     """The rater's page, its static files and its API on `server` (at the root)."""
     server.include_router(build_rater_router(studies))
+    server.add_middleware(BodyLimit)
     server.mount("/rater-static", StaticFiles(directory=STATIC_DIR), name="rater-static")
 
     @server.exception_handler(RequestValidationError)

@@ -1,5 +1,7 @@
-"""The whole server (console at /admin, listening test at /) on a free local port, over a tiny model and a few
-small built studies (built once for the package's tests), and a rater that drives the page's JSON API."""
+"""The whole server (console at /admin, listening test at /) on a free local port, run by uvicorn as `ptq-lab`
+runs it (app.uvicorn_options), over a tiny model and a few small built studies (built once for the package's
+tests), and a rater that drives the page's JSON API."""
+import argparse
 import json
 import socket
 import threading
@@ -40,8 +42,8 @@ def free_port() -> int:
 def serving(lab, studies, password=PASSWORD):
     """Run app.build_server under uvicorn in a thread; yields the base URL (ending in /)."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app.build_server(lab, studies, admin_password=password),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+    options = app.uvicorn_options(argparse.Namespace(host="127.0.0.1", port=port, forwarded_allow_ips=None))
+    server = uvicorn.Server(uvicorn.Config(app.build_server(lab, studies, admin_password=password), **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 60
@@ -57,7 +59,7 @@ def serving(lab, studies, password=PASSWORD):
 
 
 def build_studies(lab, root, prompts=("white noise", "sine tone at a4"), steps=4, seconds=0.5) -> Studies:
-    studies = Studies(root, registrations_per_client=1000)  # every test rater comes from 127.0.0.1
+    studies = Studies(root, registrations_per_client=1000, unfinished_per_client=None)  # all from 127.0.0.1
     for name, spec in STUDIES.items():
         definition = StudyDefinition(study_id=f"test-{name}", title=f"Test {name}", prompts=prompts, seeds=(SEED,),
                                      steps=steps, seconds=seconds, **spec)

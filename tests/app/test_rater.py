@@ -212,9 +212,9 @@ def test_a_mushra_page_is_refused_until_heard_whole_and_every_slider_moved(serve
 
 def test_the_headphone_check_and_the_platform_link(served):
     url, _, studies = served
-    rater = Rater(url, "test-ab", rater="ab-rater-1", PROLIFIC_PID="prolific-ab-1", STUDY_ID="s1")
+    rater = Rater(url, "test-ab", rater="ab-rater-1", PROLIFIC_PID="60ab00000000000000000001", STUDY_ID="s1")
     state = rater.get("state")
-    assert state["participant"] == "prolific-ab-1" and state["headphone_check"] is True
+    assert state["participant"] == "60ab00000000000000000001" and state["headphone_check"] is True
     check = rater.get("headphones")
     assert len(check["trials"]) == 6 and all(len(trial["intervals"]) == 3 for trial in check["trials"])
     assert "answer" not in json.dumps(check).replace("Answer 1, 2 or 3", "")  # the answers stay on the server
@@ -224,6 +224,8 @@ def test_the_headphone_check_and_the_platform_link(served):
     assert rater.request("POST", "headphones", {"answers": [2] * 6}).status_code == 400  # taken once
     assert rater.get("state")["headphone_check"] is False
     rater.post("questionnaire", {"answers": {}})
+    twice = rater.request("POST", "questionnaire", {"answers": {"device": "loudspeakers"}})
+    assert twice.status_code == 400 and "already answered" in twice.json()["error"]
     while (page := rater.get("page"))["stage"] == "trial":
         assert [clip["label"] for clip in page["clips"]] == ["A", "B"] and page["scale"]["minimum"] == -3
         rater.listen(page)
@@ -329,3 +331,60 @@ def test_wav_chunks_reads_what_wav_bytes_writes():
     assert copy == presented_copy(wav, b"s" * 64, "rater", "page", "1")  # the same rater gets the same bytes
     with pytest.raises(ValueError, match="runs past"):
         wav_chunks(wav[:-10])
+
+
+def test_no_page_before_the_headphone_check_and_no_check_where_the_study_has_none(served):
+    url, _, studies = served
+    rater = Rater(url, "test-ab", rater="hurried")
+    for method, path, body in (("GET", "page", None), ("GET", "familiarisation", None),
+                               ("POST", "submit", {"trial_id": "x", "scores": 1})):
+        refused = rater.request(method, path, body)
+        assert refused.status_code == 409 and "Take the headphone check first" in refused.json()["error"], path
+    rater.post("headphones", {"answers": [1] * 6})  # passed or failed, it is taken: the analysis decides
+    page = rater.get("page")
+    assert page["stage"] == "trial"
+    no_check = Rater(url, "test-acr", rater="no-check")
+    for method in ("GET", "POST"):
+        response = no_check.request(method, "headphones", {"answers": [1] * 6})
+        assert response.status_code == 404 and response.json()["error"] == "This study has no headphone check."
+    assert no_check.get("page")["stage"] == "trial"
+
+
+def test_a_spoofed_forwarded_address_does_not_escape_the_per_address_cap(served):
+    url, _, studies = served
+    studies.unfinished_per_client = 2
+    try:
+        answers = [httpx.post(f"{url}api/study/test-mushra/register", json={"platform": {"rater": f"spoof-{k}"}},
+                              headers={"X-Forwarded-For": f"10.66.0.{k}"}) for k in range(3)]
+    finally:
+        studies.unfinished_per_client = None
+    assert answers[-1].status_code == 403 and "unfinished places" in answers[-1].json()["error"]
+
+
+def test_registration_takes_json_from_this_site_only(served):
+    url, *_ = served
+    register = f"{url}api/study/test-one-page/register"
+    for content_type, body in (("text/plain", '{"platform": {}}'), ("application/x-www-form-urlencoded", "platform=x"),
+                               ("multipart/form-data; boundary=x", "--x--"), (None, "")):
+        headers = {"Content-Type": content_type} if content_type else {}
+        refused = httpx.post(register, content=body, headers=headers)
+        assert refused.status_code == 415 and "as JSON" in refused.json()["error"], content_type
+    for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}):
+        refused = httpx.post(register, json={"platform": {}}, headers=headers)
+        assert refused.status_code == 403 and "another site" in refused.json()["error"], headers
+        assert "access-control-allow-origin" not in refused.headers
+    own = httpx.post(register, json={"platform": {}}, headers={"Origin": url.rstrip("/"), "Sec-Fetch-Site": "same-origin"})
+    assert own.status_code == 200 and own.json()["token"]
+
+
+def test_request_bodies_are_bounded(served):
+    url, *_ = served
+    rater = Rater(url, "test-one-page", rater="verbose")
+    page = rater.get("page")
+    huge = rater.request("POST", "submit", {"trial_id": page["trial_id"], "scores": 3, "comment": "x" * 70_000})
+    assert huge.status_code == 413 and "too large" in huge.json()["error"]
+    chunked = rater.http.post("api/study/test-one-page/questionnaire", content=iter([b"{" + b" " * 40_000] * 2),
+                              headers={"X-Rater-Token": rater.token, "Content-Type": "application/json"})
+    assert chunked.status_code == 413  # no Content-Length: counted while read
+    assert rater.request("POST", "submit", {"trial_id": page["trial_id"], "scores": 3, "comment": "fine"}
+                         ).status_code == 400  # a normal body is read as before (here: not listened yet)

@@ -42,6 +42,8 @@ OPTIONS = {
     "static-mse": dict(method="static", estimator="mse"),
     "static-rot": dict(method="static", rotation=128),
     "static-rot-mse": dict(method="static", rotation=64, estimator="mse"),
+    "static-holdout": dict(method="static", estimator="holdout"),
+    "static-rot-holdout": dict(method="static", rotation=64, estimator="holdout"),
     "dynamic-rot": dict(method="dynamic", rotation=128),
     "smoothquant-search": dict(method="smoothquant", alpha="search"),
     "smoothquant-search-mse-rot": dict(method="smoothquant", alpha="search", estimator="mse", rotation=128),
@@ -54,6 +56,7 @@ OPTIONS = {
 # the same options with timestep groups, where they have a meaning there (run in a DiT)
 GROUPED_OPTIONS = {
     "static-G4-mse": dict(method="static", timestep_groups=4, estimator="mse"),
+    "static-G4-rot-holdout": dict(method="static", timestep_groups=4, rotation=32, estimator="holdout"),
     "smoothquant-G4-single": dict(method="smoothquant", timestep_groups=4, smoothing="max", estimator="percentile"),
     "smoothquant-G2-pergroup-search-rot": dict(method="smoothquant", timestep_groups=2, alpha="search", rotation=32),
     "sqd-G4-pergroup-search": dict(method="sqd", timestep_groups=4, alpha="search"),
@@ -178,6 +181,14 @@ def outlier_tokens(tokens=16384, channels=64, seed=0, glitches=2):
     for i in range(glitches):
         x[i * 997 + 11, (i * 13) % channels] = 40.0 * (-1) ** i
     return x
+
+
+def test_holdout_clipping_widens_a_range_that_held_out_rows_exceed():
+    g = torch.Generator().manual_seed(0)
+    heavy = torch.randn(512, 64, generator=g).pow(3)  # heavy tails: each half's max misses the other's loudest rows
+    bounded = torch.rand(512, 64, generator=g) * 2 - 1  # every half sees the same range
+    assert estimators.holdout_clip(heavy, 8) > heavy.abs().amax()
+    assert estimators.holdout_clip(bounded, 8) <= bounded.abs().amax()
 
 
 @pytest.mark.parametrize("estimator", ["percentile", "mse"])

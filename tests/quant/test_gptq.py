@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import quant
-from quant.gptq import gptq_quantize_weight, hessian_from_rows
-from quant.primitives import dequantize_weight, qmax, quantize_weight
+from quant.gptq import gptq_codes, gptq_quantize_weight, hessian_from_rows
+from quant.primitives import dequantize_weight, progressive_quantize_weight, progressive_step, qmax, quantize_weight
 
 
 def correlated_rows(rows=1024, channels=64, seed=0):
@@ -35,6 +35,18 @@ def test_gptq_lowers_the_output_error_on_held_out_rows(bits, group_size):
     nearest = quantize_weight(w, bits, group_size)
     gptq = gptq_quantize_weight(w, bits, hessian_from_rows(x), group_size)
     assert output_error(held_out, w, *gptq) < 0.8 * output_error(held_out, w, *nearest)
+
+
+def test_gptq_rounds_progressive_groups_under_their_integer_scales():
+    x, w = correlated_rows(), weight()
+    held_out = correlated_rows(seed=5)
+    codes, group_scale, channel_scale = progressive_quantize_weight(w, 16)
+    step = progressive_step(group_scale, channel_scale, w.shape[1])
+    chosen = gptq_codes(w, step, 4, hessian_from_rows(x))
+    assert chosen.abs().max() <= qmax(4)
+    def error(c):
+        return float((held_out @ (w - c.float() * step).t()).pow(2).mean())
+    assert error(chosen) < 0.8 * error(codes)
 
 
 @pytest.mark.parametrize("bits, group_size", [(4, None), (8, None), (4, 16)])

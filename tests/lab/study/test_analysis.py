@@ -219,7 +219,8 @@ def test_analysis_does_not_import_the_report():
 def test_crowd_quality_rules_end_to_end(tmp_path):
     """A real study flow: gold pages, questionnaire, a careless rater caught by the gold rule only."""
     clock = Clock()
-    manifest = served_study(tmp_path, test_type="acr", anchor="lowpass-3.5k", gold_pages=1, trials_per_rater=4)
+    manifest = served_study(tmp_path, test_type="acr", anchor="lowpass-3.5k", gold_pages=1, trials_per_rater=4,
+                            headphone_check=False)
     store = RatingsStore(manifest, clock=clock)
     for rater, device in (("careful-1", "headphones"), ("careful-2", "earbuds"), ("careless", "")):
         enroll(manifest, rater, now=clock())
@@ -240,3 +241,20 @@ def test_crowd_quality_rules_end_to_end(tmp_path):
     assert results.listening.time_on_page_s == 2.0 and results.listening.streams_per_clip == 1.0
     assert "| device | headphones: 1, earbuds: 1, not answered: 1 |" in written.markdown
     assert "## Listening" in written.markdown and "gold check" in written.markdown
+
+
+def test_raters_who_only_wait_out_the_listening_time_are_flagged_not_excluded(tmp_path):
+    clock = Clock()
+    manifest = served_study(tmp_path, test_type="acr", trials_per_rater=3, headphone_check=False)
+    store = RatingsStore(manifest, clock=clock)
+    for rater, margins in (("listener", (0.5, 2.0, 1.05)), ("waiter", (0.02, 0.05, 0.09))):
+        enroll(manifest, rater, now=clock())
+        for trial, margin in zip(listing(manifest, rater), margins):
+            listening = store.listening_seconds(trial)
+            rate(store, trial, rater, clock, presented_at=clock() - listening * (1 + margin))
+    written = analyse(store.path, tmp_path / "out")
+    pacing = {p.rater_id: p for p in written.results.pacing}
+    assert pacing["waiter"].flagged and not pacing["listener"].flagged
+    assert pacing["listener"].median_ratio == pytest.approx(2.05, abs=0.01) and pacing["listener"].min_ratio == pytest.approx(1.5, abs=0.01)
+    assert set(written.results.kept) == {"listener", "waiter"}  # flagged only: the experimenter decides
+    assert "| waiter | 3 | 1.05 | 1.02 | yes |" in written.markdown

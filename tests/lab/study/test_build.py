@@ -258,6 +258,7 @@ def test_cli_show_and_analyse(copy, capsys):
 
     from lab.study.__main__ import main
     from lab.study.assignment import trials_for
+    from lab.study.raters import set_field
     from lab.study.store import RatingsStore
 
     study_dir = copy / DEFINITION.study_id
@@ -267,6 +268,7 @@ def test_cli_show_and_analyse(copy, capsys):
     store = RatingsStore(manifest)
     for k in range(3):
         enroll(manifest, f"rater-{k}")
+        set_field(study_dir, f"rater-{k}", "headphone_check", {"passed": True, "correct": 6, "total": 6})
         for trial in trials_for(manifest, f"rater-{k}"):
             scores = {s.label: 100 if s.condition == "hidden-reference" else 50 + 10 * k for s in trial.rated}
             heard = {s.label: 1 for s in trial.stimuli}
@@ -279,3 +281,18 @@ def test_cli_show_and_analyse(copy, capsys):
     assert (study_dir / "analysis" / "report.md").is_file() and (study_dir / "analysis" / "scores.html").is_file()
     with pytest.raises(SystemExit, match="error: No study at"):
         main(["show", str(copy / "missing")])
+
+
+def test_a_study_sharing_model_prompt_and_seed_with_another_is_warned_about(copy):
+    from lab.study.build import shared_items
+
+    manifest = load_manifest(copy / DEFINITION.study_id)
+    assert shared_items(copy, manifest) == []
+    shutil.copytree(manifest.study_dir, copy / "same-clips")  # same model, prompts and seeds
+    other_model = copy / "other-model"
+    shutil.copytree(manifest.study_dir, other_model)
+    study = json.loads((other_model / "study.json").read_text())
+    study["model"]["fingerprint"] = "f" * 16
+    (other_model / "study.json").write_text(json.dumps(study))
+    warnings = shared_items(copy, manifest)
+    assert len(warnings) == 1 and "'same-clips'" in warnings[0] and "shares 2 of its 2 items" in warnings[0]

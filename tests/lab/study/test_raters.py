@@ -15,6 +15,7 @@ from lab.study.registry import Studies, completion_link
 from tests.lab.study.crowd import Clock, rate_all, served_study
 
 HOUR = 3600.0
+PROLIFIC_ID = "5f3e9a1b2c3d4e5f60718293"  # Prolific's ids are 24 hex digits
 
 
 @pytest.fixture
@@ -33,9 +34,9 @@ def test_a_link_id_is_not_a_login(tmp_path, clock):
     with pytest.raises(RaterRefused, match="already started this study"):  # ?rater=victim-7 from elsewhere
         studies.register("fake", platform={"rater": "victim-7"}, client="10.0.0.2")
     assert studies.resume("fake", victim.token) == victim
-    other = studies.register("fake", platform={"PROLIFIC_PID": "5f3e", "STUDY_ID": "s1", "SESSION_ID": "x9",
+    other = studies.register("fake", platform={"PROLIFIC_PID": PROLIFIC_ID, "STUDY_ID": "s1", "SESSION_ID": "x9",
                                                "rater": "ignored-when-prolific"}, client="10.0.0.3")
-    assert other.rater_id == "5f3e" and rater_record_of(manifest, "5f3e")["platform"]["SESSION_ID"] == "x9"
+    assert other.rater_id == PROLIFIC_ID and rater_record_of(manifest, PROLIFIC_ID)["platform"]["SESSION_ID"] == "x9"
     rater_part, _, signature = victim.token.partition(".")
     forged = [other.token.split(".")[0] + "." + signature, rater_part + "." + "0" * len(signature), "", "no-dot",
               "!!!." + signature]
@@ -53,7 +54,8 @@ def rater_record_of(manifest, rater_id):
 
 def test_registrations_per_client_in_a_sliding_window(tmp_path, clock):
     manifest = served_study(tmp_path)
-    studies = Studies(tmp_path, clock=clock, registrations_per_client=3, registration_window_s=600)
+    studies = Studies(tmp_path, clock=clock, registrations_per_client=3, registration_window_s=600,
+                      unfinished_per_client=None)
     for k in range(3):
         studies.register("fake", platform={"rater": f"bot-{k}"}, client="203.0.113.9")
         clock.advance(60)
@@ -99,7 +101,8 @@ def _drift_without_reassignment(definition, abandoned: set[int], raters: int) ->
 def test_fifty_concurrent_raters_with_dropouts_stay_balanced(tmp_path, clock):
     """30 % of arrivals abandon after a page or two; after `abandon_minutes` their slots go to new arrivals,
     until 50 raters have finished: every condition within one among them, and no row lost."""
-    manifest, studies = studies_with(tmp_path, clock, trials_per_rater=4, seeds=[1, 2, 3, 4, 5])  # 10 items, 3 conds
+    manifest, studies = studies_with(tmp_path, clock, trials_per_rater=4, seeds=[1, 2, 3, 4, 5],  # 10 items, 3 conds
+                                     headphone_check=False)
     _, store = studies.get("fake")
     pages_rated, finished, abandoned_tokens, errors = Counter(), [], [], []
     lock = threading.Lock()
@@ -180,7 +183,7 @@ def test_questionnaire_is_optional_and_checked(tmp_path, clock):
 def test_completion_code_and_platform_link(tmp_path, clock):
     manifest, studies = studies_with(tmp_path, clock, completion_url="https://app.prolific.com/submissions/complete")
     _, store = studies.get("fake")
-    rater = studies.register("fake", platform={"PROLIFIC_PID": "abc"}, client="x").rater_id
+    rater = studies.register("fake", platform={"PROLIFIC_PID": PROLIFIC_ID}, client="x").rater_id
     with pytest.raises(RaterRefused, match="not finished"):
         studies.completion("fake", rater)
     rate_all(store, rater, clock)
@@ -191,3 +194,92 @@ def test_completion_code_and_platform_link(tmp_path, clock):
     assert completion_link("https://x.org/{code}/done", "C0DE") == "https://x.org/C0DE/done"
     assert completion_link(None, "C0DE") is None
     assert read_records(manifest.study_dir)[rater]["finished_at"] == clock()
+
+
+@pytest.mark.parametrize("twin", ["bob", "BOB", "\uff22ob", " Bob "])
+def test_a_platform_id_in_another_case_or_width_is_the_same_participant(tmp_path, clock, twin):
+    manifest, studies = studies_with(tmp_path, clock)
+    studies.register("fake", platform={"rater": "Bob"}, client="10.0.0.1")
+    with pytest.raises(RaterRefused, match="already started this study"):
+        studies.register("fake", platform={"rater": twin}, client="10.0.0.2")
+    assert list(read_records(manifest.study_dir)) == ["Bob"]
+
+
+def test_invisible_characters_and_malformed_prolific_ids_are_refused(tmp_path, clock):
+    manifest, studies = studies_with(tmp_path, clock)
+    for hidden in ("Bob\u200b", "B\u200dob", "Bob\u202e", "Bob\x07"):
+        with pytest.raises(ValueError, match="invisible or control characters"):
+            studies.register("fake", platform={"rater": hidden}, client="10.0.0.1")
+    for pid in ("abc", PROLIFIC_ID + "0", PROLIFIC_ID[:-1] + "g"):
+        with pytest.raises(ValueError, match="Prolific id should be 24"):
+            studies.register("fake", platform={"PROLIFIC_PID": pid}, client="10.0.0.1")
+    assert read_records(manifest.study_dir) == {}
+    studies.register("fake", platform={"rater": "Bob"}, client="10.0.0.1")
+    cyrillic = studies.register("fake", platform={"rater": "B\u043eb"}, client="10.0.0.2")  # the documented limit:
+    assert cyrillic.rater_id == "B\u043eb"  # a look-alike letter of another script is another id
+
+
+def test_one_address_holds_at_most_two_unfinished_places(tmp_path, clock):
+    manifest, _ = studies_with(tmp_path, clock, headphone_check=False)
+    studies = Studies(tmp_path, clock=clock)  # the defaults ptq-lab serves with
+    _, store = studies.get("fake")
+    first = studies.register("fake", platform={}, client="198.51.100.7")
+    studies.register("fake", platform={"rater": "second"}, client="198.51.100.7")
+    with pytest.raises(RaterRefused, match="unfinished places"):
+        studies.register("fake", platform={"rater": "third"}, client="198.51.100.7")
+    studies.register("fake", platform={"rater": "neighbour"}, client="198.51.100.8")  # another address
+    rate_all(store, first.rater_id, clock)  # a finished rater no longer counts
+    studies.register("fake", platform={"rater": "third"}, client="198.51.100.7")
+    with pytest.raises(RaterRefused, match="unfinished places"):
+        studies.register("fake", platform={"rater": "fourth"}, client="198.51.100.7")
+    clock.advance(manifest.definition.abandon_minutes * 60 + 1)  # abandoned places expire and stop counting
+    studies.register("fake", platform={"rater": "fourth"}, client="198.51.100.7")
+    assert "198.51.100.7" not in (tmp_path / "fake" / "raters.json").read_text()  # kept as a keyed hash only
+
+
+def test_the_registration_window_forgets_quiet_clients(tmp_path, clock, monkeypatch):
+    monkeypatch.setattr("lab.study.registry.MAX_TRACKED_CLIENTS", 5)
+    _, studies = studies_with(tmp_path, clock)
+    studies.unfinished_per_client = None
+    for index in range(20):
+        studies.register("fake", platform={}, client=f"10.2.0.{index}")
+    assert len(studies._recent) == 5 and "10.2.0.19" in studies._recent  # the most recent kept
+    clock.advance(studies.registration_window_s + 1)
+    studies.register("fake", platform={}, client="10.2.1.1")
+    assert list(studies._recent) == ["10.2.1.1"]
+
+
+def test_the_experimenter_releases_a_squatted_id(tmp_path, clock, capsys):
+    from lab.study.__main__ import main
+
+    manifest, studies = studies_with(tmp_path, clock, max_raters=1, headphone_check=False)
+    _, store = studies.get("fake")
+    squatter = studies.register("fake", platform={"rater": "carol"}, client="10.0.0.1")
+    rate_all(store, "carol", clock)  # finished under carol's id, before carol arrived
+    with pytest.raises(RaterRefused, match="already started"):
+        studies.register("fake", platform={"rater": "carol"}, client="10.0.0.2")
+    main(["release", str(manifest.study_dir), "carol"])
+    assert "released carol" in capsys.readouterr().out
+    with pytest.raises(RaterRefused, match="expired"):
+        studies.resume("fake", squatter.token)
+    carol = studies.register("fake", platform={"rater": "Carol"}, client="10.0.0.2")  # the id, and the only slot
+    assert carol.rater_id == "Carol~2" and carol.platform_id == "Carol"
+    records = read_records(manifest.study_dir)
+    assert records["Carol~2"]["slot"] == records["carol"]["slot"] == 0 and not store.progress("Carol~2").done
+    rate_all(store, "Carol~2", clock)
+    _, _, exclusions, kept = screened(store.path)
+    assert [(e.rater_id, e.reasons) for e in exclusions] == [("carol", ("released by the experimenter",))]
+    assert {row["rater_id"] for row in kept} == {"Carol~2"}
+    with pytest.raises(SystemExit, match="already released"):
+        main(["release", str(manifest.study_dir), "carol"])
+    with pytest.raises(SystemExit, match="No rater 'dave'"):
+        main(["release", str(manifest.study_dir), "dave"])
+
+
+def test_the_questionnaire_is_answered_once(tmp_path, clock):
+    manifest, studies = studies_with(tmp_path, clock)
+    rater = studies.register("fake", platform={"rater": "quentin"}, client="q").rater_id
+    raters.record_questionnaire(manifest.study_dir, rater, {"device": "headphones"})
+    with pytest.raises(ValueError, match="already answered"):
+        raters.record_questionnaire(manifest.study_dir, rater, {"device": "loudspeakers"})
+    assert raters.rater_record(manifest.study_dir, rater)["questionnaire"] == {"device": "headphones"}

@@ -255,3 +255,14 @@ def test_an_expired_rater_can_no_longer_submit(tmp_path):
     with pytest.raises(ValueError, match="not valid for you"):  # never registered
         submit(store, trial, "stranger")
     assert not store.path.exists()
+
+
+def test_the_listening_time_in_the_message_rounds_up(tmp_path):
+    manifest = fake_manifest(tmp_path, test_type="acr")
+    manifest = dataclasses.replace(manifest, items=tuple(
+        dataclasses.replace(item, stimuli=tuple(dataclasses.replace(s, seconds=1.4) for s in item.stimuli))
+        for item in manifest.items))
+    store = RatingsStore(manifest)
+    trial = listing(manifest, "brisk")[0]
+    with pytest.raises(ValueError, match="take 2 s to play"):  # 1.4 s: waiting "1 s" would not be enough
+        submit(store, trial, "brisk", shown_ago=0.5)
