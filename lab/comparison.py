@@ -152,8 +152,7 @@ class Lab:
             f"Seed {pair.request.seed} · waveform SNR {waveform_snr:.1f} dB · {space} SNR of the last denoised "
             f"estimate {pair.step_snr_db[-1]:.1f} dB · log-mel distance {pair.logmel_db:.2f} dB",
             f"DiT linear layers: {memory.linear_bytes / 2**20:.2f} MiB stored vs "
-            f"{memory.linear_fp32_bytes / 2**20:.2f} MiB in fp32 ({memory.ratio_fp32:.0%}); "
-            f"{memory.resident_linear_bytes / 2**20:.2f} MiB resident with the kernel's run-time weight copies",
+            f"{memory.linear_fp32_bytes / 2**20:.2f} MiB in fp32 ({memory.ratio_fp32:.0%}); {resident_line(memory)}",
             f"The quantized model holds its DiT ({quant.memory_report(dit).model_bytes / 2**20:.1f} MiB) and shares "
             f"the rest with the full-precision model: " + ", ".join(others) if others else "",
         ]
@@ -166,6 +165,14 @@ class Lab:
             return None
         factors = [module.smoothing_for(t) for t in timesteps]
         return [None if f is None else f.detach().float().cpu().numpy() for f in factors]
+
+
+def resident_line(memory: quant.MemoryReport) -> str:
+    """What the linears hold at run time: the stored bytes alone where the kernel's form is the only copy."""
+    if memory.resident_linear_bytes == memory.linear_bytes:
+        return "resident the same (one weight copy: the kernel's)"
+    return (f"{memory.resident_linear_bytes / 2**20:.2f} MiB resident (the run-time weight form is larger: int4 "
+            "codes held as int8, a float copy, or one copy per timestep group)")
 
 
 def _prune(folder: Path, max_age_s: float) -> None:

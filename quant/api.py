@@ -4,6 +4,7 @@ import json
 import torch
 from torch import nn
 
+from .attention import quantize_attention_
 from .linear import QuantLinear
 from .mixed import eight_bit_layers
 from .model import find_dit, linear_layers, matches_any, replace_module
@@ -87,6 +88,8 @@ def quantize_(model: nn.Module, recipe: Recipe | str, stats: CalibrationStats | 
         layer_recipe = recipe.eight_bit_layer if name in eight_bit else recipe
         replace_module(root, name, QuantLinear.from_float(linear, layer_recipe, None, boundaries, tracker,
                                                           calibration=calibration, name=name))
+    if recipe.attention == "int8":
+        quantize_attention_(root, recipe.backend)
     return model
 
 
@@ -171,4 +174,6 @@ def load(model: nn.Module, path, *, recipe: Recipe | str | None = None) -> Recip
         for name, linear in targets.items():  # put the float layers back: the model stays usable
             replace_module(root, name, linear)
         raise ValueError(f"{path} does not fit this model: {error}") from None
+    if file_recipe.attention == "int8":
+        quantize_attention_(root, file_recipe.backend)
     return file_recipe

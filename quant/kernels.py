@@ -10,7 +10,8 @@ Three exact int8 x int8 paths, picked per device by `choose_kernel`:
               The op takes one scalar activation scale: per-token scales are applied to its output.
   "int_mm"    `torch._int_mm` (int8 x int8 -> int32, 2-D), any CPU; the weight is a transposed view.
   "cuda"      `torch._int_mm` on CUDA, zero-padded to its shape rules (M > 16; K, N multiples of 8).
-All three give the same integer accumulators; only the float rescale's rounding differs.
+All three give the same integer accumulators; only the float rescale's rounding differs. Each prepared form
+gives the int8 codes back exactly (`int8_codes`), so a layer keeps that form alone (see quant/linear.py).
 
 Forcing a path: `set_kernel("int_mm")` or the environment variable QUANT_INT8_KERNEL=auto|onednn|int_mm
 (the function wins over the variable; both are read at every forward, so a change applies at once: layers
@@ -18,7 +19,8 @@ rebuild their prepared weight when the kernel they hold it for is not the one in
 
 Weight-only layers (W8A16, W4A16) multiply float activations by the stored integer weight. Their paths,
 picked by `choose_weight_only_kernel` (QUANT_WEIGHT_ONLY_KERNEL=auto|resident|packed|dequant):
-  "resident"  the weight dequantized once to the compute dtype and kept (a float copy counted as cache),
+  "resident"  the weight dequantized once to the compute dtype and kept, in place of the stored codes where it
+              rounds back to them exactly (what it holds beyond them counts as cache),
               multiplied by `F.linear`: the float path's own matmul, so not slower than it (oneDNN's
               prepacked float linear was measured too, and was not reliably faster). auto's choice on CPU
               profiles without native bf16 (measured at SAO's shapes on an AVX512-VNNI Xeon without AVX512-BF16:

@@ -230,6 +230,10 @@ class QuantLinear(nn.Module):
             return self.qweight
         return self._stored_form(self._prepared[2].int8_codes()).unsqueeze(0)
 
+    def _weight_device(self) -> torch.device:
+        """Where the layer's weight lives (the prepared copy's device while the stored buffer is released)."""
+        return self._prepared[2].device if self._released else self.qweight.device
+
     def _restore_stored(self) -> None:
         """Give qweight its storage back (before the prepared copy goes)."""
         if self._released:
@@ -250,7 +254,7 @@ class QuantLinear(nn.Module):
         quantization's parameters, and a bf16 model (weight-only "A16") holds the same quantized weight. While
         released, the placeholder sits out the calls that leave an int8 tensor where it is; any other gets the
         stored codes back first (the prepared copy is rebuilt on the next forward)."""
-        home = self._prepared[2].device if self._released else self.qweight.device
+        home = self._weight_device()
         target = fn(torch.empty(0, device=home))
         set_aside = {}
         if target.dtype != torch.float32:  # a cast: scales are only moved
@@ -375,7 +379,7 @@ class QuantLinear(nn.Module):
             kernel = choose_weight_only_kernel(device, self.recipe.w_bits)
             key = (kernel, weight_only_dtype(kernel, device, x_dtype))
         cache = self._prepared
-        if cache is None or cache[0] != copy_index or cache[1] != key or cache[2].device != device:
+        if cache is None or cache[0] != copy_index or cache[1] != key or cache[2].device != self._weight_device():
             self._restore_stored()
             self._prepared = None  # free the old copy before building the new one
             cache = self._prepared = (copy_index, key, self._prepare(copy_index, key))

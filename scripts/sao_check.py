@@ -32,6 +32,7 @@ CALIBRATED, DYNAMIC = "w8a8-smoothquant", "w8a8-dynamic"
 REQUEST = dict(prompt="soft sine tone at A4", negative="", seconds=3.0, steps=8, cfg=7.0, sampler="dpmpp-3m-sde",
                seed="1", layer="transformer.layers.12.ff.ff.2")
 TARGET_APP_PEAK_GIB = 12.0  # FP model + one quantized copy + working set, for the 1.2 B model
+TARGET_CALIBRATION_EXTRA_GIB = 2.0  # calibration's peak RSS above the FP model's bytes
 GIB = 2**30
 
 
@@ -166,6 +167,10 @@ def identity_step(config: Path, checkpoint: Path, quantized: Path, stats: Path, 
     save_quantized(model, recipe, out / "resaved.safetensors")
     result = {"recipe": recipe.name, "reload_state_bit_identical": matches_file(model, out / "resaved.safetensors")}
     first = generate(model)
+    memory = quant.memory_report(quant.find_dit(model))  # after a generation: the kernels' weights are prepared
+    result["resident_mib"], result["stored_mib"] = (round(b / 2**20, 1) for b in (memory.resident_linear_bytes,
+                                                                                   memory.linear_bytes))
+    result["state_bit_identical_after_generating"] = matches_file(model, out / "resaved.safetensors")
     del model
     gc.collect()
     model, _ = load_quantized(loaded, out / "resaved.safetensors")
@@ -218,7 +223,11 @@ def main(argv=None) -> None:
     report["checks"] = {
         "app served the CLI file without calibrating": not report["app"]["calibrated_in_app"],
         f"app peak RSS <= {TARGET_APP_PEAK_GIB} GiB": report["app"]["peak_rss_gib"] <= TARGET_APP_PEAK_GIB,
-        "save/load bit-identical": identity["reload_state_bit_identical"] and identity["reload_output_bit_identical"],
+        "save/load bit-identical": identity["reload_state_bit_identical"] and identity["reload_output_bit_identical"]
+        and identity["state_bit_identical_after_generating"],
+        f"calibration peak RSS <= FP model + {TARGET_CALIBRATION_EXTRA_GIB} GiB":
+            report["calibrate"]["peak_rss_gib"] <= report["model_file_gib"] + TARGET_CALIBRATION_EXTRA_GIB,
+        "W8A8 DiT resident at its stored size (one weight copy)": identity["resident_mib"] == identity["stored_mib"],
         "app build == CLI file": identity["app_build_equals_cli_file"],
     }
     report["load_average_end"] = os.getloadavg()[0]

@@ -245,3 +245,49 @@ def test_the_console_asks_for_the_password_then_compares(browser_served):
         page.screenshot(path=str(SCREENSHOT), full_page=True)
         browser.close()
     assert SCREENSHOT.stat().st_size > 50_000
+
+
+def silent_wav(seconds: float = 0.5, rate: int = 16_000) -> bytes:
+    import io
+    import wave
+
+    out = io.BytesIO()
+    with wave.open(out, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(bytes(2 * int(seconds * rate)))
+    return out.getvalue()
+
+
+def test_a_page_whose_audio_did_not_come_from_the_server_cannot_be_submitted(browser_served):
+    """What counts is what the server sent: with the clips answered from elsewhere (the player still plays),
+    Submit is refused; once the server has streamed them, the page is taken."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, studies = browser_served
+    with sync_playwright() as playwright:
+        browser, page = launch(playwright)
+        page.route("**/audio/**", lambda route: route.fulfill(status=200, content_type="audio/wav",
+                                                              body=silent_wav()))
+        page.goto(f"{url}?study=test-acr&rater=browser-elsewhere")
+        expect(page.locator("#start")).to_be_visible(timeout=60_000)
+        page.click("#start")
+        page.click("#questionnaire-skip")
+        page.click("#to-trials")
+        expect(page.locator("#trial-header")).to_have_text("Page 1 of 2", timeout=30_000)
+        page.locator("#choice label").nth(1).click()
+        page.wait_for_timeout(1500)  # longer than the page's clips: only the missing transfer can refuse it
+        page.click("#submit")
+        expect(page.locator("#status")).to_contain_text("not played yet", timeout=30_000)
+        page.unroute("**/audio/**")
+        page.reload()
+        page.click("#start")
+        page.click("#to-trials")
+        expect(page.locator("#trial-header")).to_have_text("Page 1 of 2", timeout=30_000)
+        page.locator("#choice label").nth(1).click()
+        submit_when_accepted(page, "Page 1 of 2")
+        browser.close()
+    _, store = studies.get("test-acr")
+    rows = [row for row in store.read() if row["rater_id"] == "browser-elsewhere"]
+    assert len(rows) == 1 and float(rows[0]["stream_count"]) >= 1
