@@ -20,10 +20,10 @@ PAPER_RECIPES = tuple(quant.preset_name(w, 8, method, lora) for w in (8, 4) for 
                       for lora in (False, True)) + ("w8a16", "w4a16")
 # The fidelity options next to the paper's methods (docs/fidelity.md): static scales per timestep group with an
 # MSE-clipped range, Hadamard rotation (static per group, dynamic), GPTQ rounding, and the paper's
-# per-group-copy SQD that the single-copy "sqd" presets replace.
+# per-group-copy SQD that the single-copy "sqd" presets replace, and 4-bit weights in progressive groups.
 OPTION_RECIPES = ("w8a8-static-mse", "w8a8-static-rot", "w8a8-dynamic-rot", "w8a8-sqd-pergroup",
                   "w8a8-sqd-pergroup+lora", "w4a8-static-rot", "w4a8-dynamic-rot+lora", "w4a8-sqd-pergroup",
-                  "w4a8-sqd-pergroup+lora", "w4a8-dynamic-gptq+lora", "w4a16-gptq")
+                  "w4a8-sqd-pergroup+lora", "w4a8-dynamic-gptq+lora", "w4a16-gptq", "w4a8-dynamic-gptq-g32")
 BENCH_RECIPES = PAPER_RECIPES + OPTION_RECIPES
 QUICK_RECIPES = ("w8a8-static", "w8a8-dynamic", "w8a8-sqd+lora", "w4a8-static", "w4a8-dynamic", "w4a8-sqd+lora",
                  "w4a16", "w8a8-static-rot")

@@ -37,18 +37,11 @@ def gptq_quantize_weight(w: torch.Tensor, bits: int, hessian: torch.Tensor, grou
 
 
 def gptq_codes(w: torch.Tensor, step: torch.Tensor, bits: int, hessian: torch.Tensor, damp: float = GPTQ_DAMP,
-               block: int = GPTQ_BLOCK, act_order: bool = True) -> torch.Tensor:
+               block: int = GPTQ_BLOCK) -> torch.Tensor:
     """GPTQ's int8 codes (out, in) of `w` for the float `step` of each weight (broadcasting to (out, in)): any
-    format whose value is code x step (per channel, per group, progressive groups). `act_order`: round the
-    input channels with the most input energy (largest H diagonal) first, while the most columns are left to
-    absorb their error (the steps stay those given, so the format is unchanged)."""
+    format whose value is code x step (per channel, per group, progressive groups)."""
     if hessian.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"GPTQ needs a ({w.shape[1]}, {w.shape[1]}) input Hessian, got {tuple(hessian.shape)}")
-    if act_order:
-        order = torch.argsort(torch.diagonal(hessian), descending=True).to(w.device)
-        codes = gptq_codes(w[:, order], step.expand(w.shape)[:, order], bits, hessian[order][:, order], damp, block,
-                           act_order=False)
-        return codes[:, torch.argsort(order)]
     device = w.device
     column_scale = step.expand(w.shape).double()  # (out, in)
     h = hessian.to(device=device, dtype=torch.float64).clone()

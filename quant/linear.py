@@ -180,8 +180,7 @@ class QuantLinear(nn.Module):
             self.lowrank[copy_index].B.copy_(b)
             w = to_quantize if hessian is None else w - (a @ b).t()
         if recipe.progressive_groups:  # 4-bit codes under the integer group scales, stored with them
-            importance = None if hessian is None else torch.diagonal(hessian).float()  # input energy per channel
-            scale, group_scale = progressive_scales(w, recipe.group_size, importance)
+            scale, group_scale = progressive_scales(w, recipe.group_size)
             step = progressive_step(group_scale, scale, w.shape[1])
             codes = quantize(w, step, 4) if hessian is None else gptq_codes(w, step, 4, hessian)
             self.weight_group_scale[copy_index] = group_scale

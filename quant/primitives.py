@@ -103,15 +103,13 @@ def fake_quant_weight(w: torch.Tensor, bits: int, group_size: int | None = None,
 PROGRESSIVE_GROUP_MAX = 18  # largest integer group scale: 7 * 18 = 126 <= 127
 
 
-def progressive_scales(w: torch.Tensor, group_size: int,
-                       importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def progressive_scales(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(channel_scale float32 (out, 1), group_scale uint8 (out, in / group_size)) of w (out, in).
 
     The channel scale maps the row's max |w| onto 7 * PROGRESSIVE_GROUP_MAX; each group then takes the integer
     scale in 1..PROGRESSIVE_GROUP_MAX whose 4-bit rounding of the group has the least squared error (an exact
     search: a ceiling of max / 7 would waste up to half a step on every group, and a small group's best step is
-    often one that clips its largest weight). `importance` (in,): a weight per input channel in that error (e.g.
-    the mean square of the layer's input on each channel, so the search minimises the expected output error)."""
+    often one that clips its largest weight)."""
     out_features, in_features = w.shape
     if in_features % group_size:
         raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
@@ -122,8 +120,7 @@ def progressive_scales(w: torch.Tensor, group_size: int,
     group_scale = torch.ones(w.shape[:2], dtype=torch.uint8, device=w.device)
     for g in range(1, PROGRESSIVE_GROUP_MAX + 1):
         step = channel_scale * g
-        error = (torch.round(w / step).clamp_(-q, q) * step - w).pow_(2)
-        error = (error if importance is None else error * importance.reshape(1, *w.shape[1:])).sum(dim=-1)
+        error = (torch.round(w / step).clamp_(-q, q) * step - w).pow_(2).sum(dim=-1)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         group_scale = torch.where(better, g, group_scale)

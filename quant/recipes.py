@@ -89,7 +89,7 @@ class Recipe:
             q4 x g, |q4 x g| <= 126, and rescales per channel, so the integer backend keeps its one matmul).
         memory_budget: None, or a fraction of the fp32 bytes of the layers the recipe quantizes (4-bit weights
             only): the layers whose 4-bit weights cost the most output error on their calibration sample rows per
-            byte saved are kept at 8 bits (per output channel) while the whole stays within the budget
+            extra byte at 8 bits are kept at 8 bits (per output channel) while the whole stays within the budget
             (quant/mixed.py). Makes the recipe a calibrated one.
         attention: "float" (attention as the model computes it) or "int8" (QK^T and PV as int8 matmuls with a
             smoothed K, per-token and per-channel scales, on the recipe's backend: quant/attention.py).
@@ -209,7 +209,8 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        """Calibration statistics are needed: for the activations, or for GPTQ's input statistics."""
+        """Calibration statistics are needed: for the activations, for GPTQ's input statistics, or for a memory
+        budget's choice of 8-bit layers."""
         return self.calibrates_activations or self.weight_rounding == "gptq" or self.memory_budget is not None
 
     @property
@@ -327,6 +328,13 @@ VARIANT_PRESETS = {
     ("sqd", "gptq"): dict(METHOD_PRESETS["sqd"], weight_rounding="gptq"),
     ("weight-only", "gptq"): dict(weight_rounding="gptq"),
 }
+PROGRESSIVE_GROUP_SIZE = 32  # input channels per integer group scale: 1 byte per 32 weights (+0.008x fp32 bytes)
+# 4-bit variants (W4A8 only, no low-rank branch: on the demo model it adds nothing to them and would take the
+# memory past 0.15x fp32): progressive groups, the integer path's group-wise 4-bit weights, rounded by GPTQ.
+W4_VARIANT_PRESETS = {
+    ("dynamic", "gptq-g32"): dict(group_size=PROGRESSIVE_GROUP_SIZE, weight_groups="progressive",
+                                  weight_rounding="gptq"),
+}
 
 
 def _build_presets() -> dict[str, Recipe]:
@@ -342,6 +350,9 @@ def _build_presets() -> dict[str, Recipe]:
                 a_bits = 16 if method == "weight-only" else 8
                 name = preset_name(w_bits, a_bits, method, lora, variant)
                 presets[name] = Recipe(name, w_bits, a_bits, method, lora_rank=rank, **fields)
+    for (method, variant), fields in W4_VARIANT_PRESETS.items():
+        name = preset_name(4, 8, method, False, variant)
+        presets[name] = Recipe(name, 4, 8, method, **fields)
     return dict(sorted(presets.items()))
 
 

@@ -8,9 +8,10 @@ rater says which. Six trials, pass with at least five right (chance of passing b
 
 The other two noises are not identical in both ears either: every frequency of the right channel is turned
 by the same small phase angle (random sign per frequency), a broadband decorrelation with no pitch, sized so
-that the L-R difference carries exactly the target's share of the energy. A script that takes the interval
-whose channels differ (the largest |L-R|, or L-R energy) therefore guesses; one that analyses where in the
-spectrum L and R differ can still find the target band, as a script can analyse the study's clips.
+that the L-R difference carries exactly the target's share of the energy. That stops only the crudest
+script (the interval whose channels differ, or differ most): the target's L-R is narrowband and the others'
+broadband, so its smaller peaks, fewer zero crossings or spectrum still give it away. The check screens out
+loudspeakers, not scripts, as the blinding cannot stop a script that analyses the study's clips.
 
 Stimuli are generated here (numpy), deterministic per (study secret, rater): a reload gives the same trials.
 The answers stay on the server: `score_headphone_check` recomputes them; a rater takes the check once.

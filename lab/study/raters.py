@@ -58,6 +58,11 @@ TOO_MANY_UNFINISHED = ("Your network already has unfinished places in this study
                        "first, then try again.")
 PROLIFIC_PID = re.compile(r"[0-9a-fA-F]{24}")
 INVISIBLE = ("Cc", "Cf")  # Unicode control and format characters (zero-width spaces, direction marks)
+BLANK = re.compile(  # Unicode's Default_Ignorable_Code_Point characters and blank fillers outside Cc/Cf
+    "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u2800\u3164\ufe00-\ufe0f\uffa0"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
+RELEASED_HERE = ("This participant id was released by the researcher and cannot be taken again from the same "
+                 "network: contact the researcher.")
 ANSWERED = "You have already answered the questionnaire."
 _lock = threading.Lock()
 T = TypeVar("T")
@@ -87,7 +92,7 @@ def clean_rater_id(rater_id: object) -> str:
     text = " ".join(str(rater_id or "").split())
     if not text:
         raise ValueError("Enter your participant id to start.")
-    if any(unicodedata.category(char) in INVISIBLE for char in text):
+    if BLANK.search(text) or any(unicodedata.category(char) in INVISIBLE for char in text):
         raise ValueError("Your participant id contains invisible or control characters: type it again, or copy "
                          "it from your platform without anything around it.")
     if len(text) > MAX_RATER_ID_CHARS:
@@ -135,6 +140,9 @@ def register(study_dir: str | Path, secret: bytes, platform: Mapping[str, str], 
                     and record["platform_id"] is not None and identity(record["platform_id"]) == identity(platform_id)]
             if same:
                 raise RaterRefused(EXPIRED if _expired(same[0], slots, now) else ALREADY_STARTED)
+            if any(record.get("withdrawn") and record.get("client") == client_key and record["platform_id"] is not None
+                   and identity(record["platform_id"]) == identity(platform_id) for record in records.values()):
+                raise RaterRefused(RELEASED_HERE)  # the squatter the release was for: the id is for someone else
         if slots.unfinished_per_client is not None and sum(
                 record.get("client") == client_key and record["finished_at"] is None and not _expired(record, slots, now)
                 for record in records.values()) >= slots.unfinished_per_client:
@@ -162,8 +170,8 @@ def _new_rater_id(records: dict, platform_id: str | None) -> str:
 
 def release(study_dir: str | Path, rater_id: str, now: float) -> dict:
     """Withdraw a registration (the experimenter's decision, e.g. someone registered another person's id first):
-    its token stops working, its platform id may register again, its slot goes to the next arrival, and the
-    analysis excludes its ratings. Returns the record; ValueError for an unknown or already released rater."""
+    its token stops working, its platform id may register again (but not from the network that held it), its
+    slot goes to the next arrival, and the analysis excludes its ratings. Returns the record; ValueError for an unknown or already released rater."""
     def withdraw(records: dict) -> dict:
         record = records.get(rater_id)
         if record is None:

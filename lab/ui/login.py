@@ -24,8 +24,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from lab.ui.addresses import client_network
+
 log = logging.getLogger(__name__)
 LOGIN_FAILED = 400  # Gradio's answer to wrong credentials
+LOGIN_PASSED = 200  # and to the right ones (other answers, e.g. a redirect for "login//", checked nothing)
 MAX_CLIENTS = 10_000
 
 
@@ -51,7 +54,7 @@ class LoginThrottle:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != self.login_path:
             return await self.app(scope, receive, send)
-        address = scope["client"][0] if scope.get("client") else "unknown"
+        address = client_network(scope["client"][0] if scope.get("client") else None)
         client = self._client(address)
         if retry_after := self._retry_after(client):
             return await _too_many(send, retry_after)
@@ -74,7 +77,7 @@ class LoginThrottle:
             client.failures.append(self.clock())
             log.warning("console login failed from %s: %d in a row, %d in the last %.0f min", address,
                         client.in_a_row, len(client.failures), self.window_s / 60)
-        elif status and status[0] < 400:
+        elif status and status[0] == LOGIN_PASSED:  # only a checked password resets: a redirect checked nothing
             self._clients.pop(address, None)
 
     def _client(self, address: str) -> _Client:

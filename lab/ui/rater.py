@@ -38,6 +38,7 @@ from lab.study.manifest import Manifest, StudyError
 from lab.study.raters import QUESTIONNAIRE, RaterRefused, Registration, rater_record, record_questionnaire
 from lab.study.registry import Studies
 from lab.study.serving import AudioServer, Clip, StudyUnavailable
+from lab.ui.addresses import client_network
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
@@ -266,7 +267,7 @@ class BodyLimit:
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX) or scope["method"] in ("GET", "HEAD"):
+        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):  # every method: a GET may carry one
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_bytes:
@@ -312,7 +313,7 @@ def build_rater_router(studies: Studies) -> APIRouter:
     @answered
     def register(study_id: str, request: Request, body: Any = JSON_BODY):
         refuse_foreign_request(request)
-        return api.register(study_id, body, request.client.host if request.client else "")
+        return api.register(study_id, body, client_network(request.client.host if request.client else None))
 
     def with_rater(name: str, method: str, call):
         @answered

@@ -90,6 +90,26 @@ def test_parallel_guesses_get_no_more_checks_than_the_limit(served):
     assert statuses.count(400) == MAX_FAILURES and statuses.count(429) == 40 - MAX_FAILURES
 
 
+def test_a_redirect_from_the_login_route_does_not_reset_the_count(served):
+    """Gradio answers `login//` with a redirect, checking no password: only a right password forgets failures."""
+    url, _ = served
+    statuses = []
+    for k in range(MAX_FAILURES + 1):
+        statuses.append(login(url, f"slash-{k}", "10.0.0.99").status_code)
+        httpx.post(url + "admin/login//", data={"username": "admin", "password": "x"},
+                   headers={"X-Forwarded-For": "10.0.0.99"}, timeout=30)
+    assert 429 in statuses and statuses.count(400) <= MAX_FAILURES
+
+
+def test_ipv6_clients_count_by_their_network():
+    from lab.ui.addresses import client_network
+
+    assert client_network("2001:db8:1:2::5") == client_network("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert client_network("2001:db8:1:3::5") != client_network("2001:db8:1:2::5")
+    assert client_network("::ffff:10.0.0.7") == client_network("10.0.0.7") == "10.0.0.7"
+    assert client_network("") == "unknown" and client_network("testclient") == "testclient"
+
+
 def reported_address(argv: list[str]) -> str:
     """The client address a request claiming X-Forwarded-For 203.0.113.5 gets, under uvicorn configured as
     `ptq-lab` with `argv` configures it."""

@@ -386,5 +386,8 @@ def test_request_bodies_are_bounded(served):
     chunked = rater.http.post("api/study/test-one-page/questionnaire", content=iter([b"{" + b" " * 40_000] * 2),
                               headers={"X-Rater-Token": rater.token, "Content-Type": "application/json"})
     assert chunked.status_code == 413  # no Content-Length: counted while read
+    sneaked = httpx.request("GET", f"{url}api/study/test-one-page/state", content=b"[" + b"0," * 40_000 + b"0]",
+                            headers={"Content-Type": "application/json"})
+    assert sneaked.status_code == 413  # a GET's body is bounded too (read before the token is looked at)
     assert rater.request("POST", "submit", {"trial_id": page["trial_id"], "scores": 3, "comment": "fine"}
                          ).status_code == 400  # a normal body is read as before (here: not listened yet)

@@ -207,7 +207,8 @@ def test_a_platform_id_in_another_case_or_width_is_the_same_participant(tmp_path
 
 def test_invisible_characters_and_malformed_prolific_ids_are_refused(tmp_path, clock):
     manifest, studies = studies_with(tmp_path, clock)
-    for hidden in ("Bob\u200b", "B\u200dob", "Bob\u202e", "Bob\x07"):
+    for hidden in ("Bob\u200b", "B\u200dob", "Bob\u202e", "Bob\x07", "Bob\u034f", "Bob\ufe0f", "Bob\U000e0100",
+                   "Bob\u3164", "\u115fBob", "Bob\u2800", "Bob\uffa0"):
         with pytest.raises(ValueError, match="invisible or control characters"):
             studies.register("fake", platform={"rater": hidden}, client="10.0.0.1")
     for pid in ("abc", PROLIFIC_ID + "0", PROLIFIC_ID[:-1] + "g"):
@@ -262,6 +263,8 @@ def test_the_experimenter_releases_a_squatted_id(tmp_path, clock, capsys):
     assert "released carol" in capsys.readouterr().out
     with pytest.raises(RaterRefused, match="expired"):
         studies.resume("fake", squatter.token)
+    with pytest.raises(RaterRefused, match="released by the researcher"):  # the squatter, back first
+        studies.register("fake", platform={"rater": "CAROL"}, client="10.0.0.1")
     carol = studies.register("fake", platform={"rater": "Carol"}, client="10.0.0.2")  # the id, and the only slot
     assert carol.rater_id == "Carol~2" and carol.platform_id == "Carol"
     records = read_records(manifest.study_dir)
