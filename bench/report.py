@@ -26,8 +26,10 @@ NOTES = [
     "bf16 fidelity row: the fp32 model with its DiT under torch.autocast(bfloat16) (matmuls in bf16), so the "
     "sampler state, its noise and the pretransform stay fp32, as in the quantized rows; a bf16 model would make "
     "SAT draw its noise in bf16, a different sample. Its memory columns are those of a bf16 copy.",
-    "Calibration uses the calibration prompts (assets/calibration_prompts.txt) with the same sampler settings, "
-    "other seeds; the fidelity prompts come from demo_model.adherence's evaluation set.",
+    "Calibration uses prompts of assets/calibration_prompts.txt, stratified over the caption grammar (family, then "
+    "level and sound word), with the same sampler settings and other seeds; the fidelity prompts are held out "
+    "(assets/fidelity_prompts.txt: other pitches, levels and words, no calibration prompt). 'cal-like' generates "
+    "some calibration prompts at the evaluation seed; 'gap' = cal-like SNR minus held-out SNR.",
 ]
 
 
@@ -129,13 +131,17 @@ def _fidelity_detail_markdown(rows: dict) -> list[str]:
     if not measured:
         return []
     families = list(dict.fromkeys(f for fid in measured.values() for f in fid["per_family"]))
-    lines = ["", "## Fidelity per caption family (audio SNR vs FP, dB; mean over the family's clips)", "",
-             "| row | " + " | ".join(families) + " | worst |", "|---|" + "---:|" * (len(families) + 1)]
+    lines = ["", "## Fidelity per caption family (held-out prompts: audio SNR vs FP, dB; mean over the family's "
+                 "clips), and the calibration-like gap", "",
+             "| row | " + " | ".join(families) + " | worst | held-out | cal-like | gap |",
+             "|---|" + "---:|" * (len(families) + 4)]
     for name, fid in measured.items():
         snrs = [fid["per_family"].get(f, {}).get("snr_db") for f in families]
         finite = [v for v in snrs if v is not None and math.isfinite(v)]
+        cal_like = fid.get("calibration_like", {}).get("snr_db")
         lines.append(f"| {name} | " + " | ".join(_fmt(v, ".1f") for v in snrs)
-                     + f" | {_fmt(min(finite) if finite else None, '.1f')} |")
+                     + f" | {_fmt(min(finite) if finite else None, '.1f')} | {_fmt(fid.get('snr_db'), '.1f')}"
+                     f" | {_fmt(cal_like, '.1f')} | {_fmt(fid.get('held_out_gap_db'), '.1f')} |")
     steps = max(len(fid.get("trajectory_rel_error_per_step", [])) for fid in measured.values())
     if steps:
         shown = sorted({round(i * (steps - 1) / (CURVE_POINTS - 1)) for i in range(min(CURVE_POINTS, steps))})

@@ -136,6 +136,23 @@ class Recipe:
             raise ValueError("Recipe.w_bits=16 with a_bits=16 quantizes nothing")
         if self.w_bits == 16 and self.backend == "integer":
             raise ValueError("Recipe.w_bits=16 keeps float weights: use backend='simulated'")
+        self._check_activations()
+        if not isinstance(self.timestep_groups, int) or self.timestep_groups < 1:
+            raise ValueError(f"Recipe.timestep_groups must be an integer >= 1, got {self.timestep_groups!r}")
+        if self.timestep_groups > 1 and not self.calibrates_activations:
+            raise ValueError(f"Recipe.timestep_groups={self.timestep_groups} needs a calibrated method "
+                             f"(static, smoothquant, sqd), not '{self.method}'")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"Recipe.lora_rank must be an integer >= 0, got {self.lora_rank!r}")
+        if self.lora_rank and self.w_bits == 16:
+            raise ValueError("Recipe.lora_rank corrects weight error, but w_bits=16 leaves none")
+        if not isinstance(self.lora_iterations, int) or self.lora_iterations < 1:
+            raise ValueError(f"Recipe.lora_iterations must be an integer >= 1, got {self.lora_iterations!r}")
+        self._check_weights()
+        _check_choice("attention", self.attention, ATTENTION)
+
+    def _check_activations(self) -> None:
+        """Smoothing, static scale estimation and rotation: what is done to activations before quantizing."""
         if self.alpha == ALPHA_SEARCH:
             if not self.smooths:
                 raise ValueError(f"Recipe.alpha='search' picks a smoothing strength: it needs method smoothquant "
@@ -166,6 +183,9 @@ class Recipe:
             if not self.quantizes_activations:
                 raise ValueError("Recipe.rotation rotates the activation before it is quantized: it needs a "
                                  "method that quantizes activations, not 'weight-only'")
+
+    def _check_weights(self) -> None:
+        """Rounding, memory budget and groups: how the weight codes are chosen and stored."""
         _check_choice("weight_rounding", self.weight_rounding, ROUNDINGS)
         if self.weight_rounding == "gptq" and self.w_bits == 16:
             raise ValueError("Recipe.weight_rounding='gptq' chooses weight codes, but w_bits=16 keeps float weights")
@@ -177,19 +197,7 @@ class Recipe:
             if self.w_bits != 4:
                 raise ValueError(f"Recipe.memory_budget keeps some 4-bit layers at 8 bits: it needs w_bits=4, "
                                  f"got w_bits={self.w_bits}")
-        if not isinstance(self.timestep_groups, int) or self.timestep_groups < 1:
-            raise ValueError(f"Recipe.timestep_groups must be an integer >= 1, got {self.timestep_groups!r}")
-        if self.timestep_groups > 1 and not self.calibrates_activations:
-            raise ValueError(f"Recipe.timestep_groups={self.timestep_groups} needs a calibrated method "
-                             f"(static, smoothquant, sqd), not '{self.method}'")
-        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            raise ValueError(f"Recipe.lora_rank must be an integer >= 0, got {self.lora_rank!r}")
-        if self.lora_rank and self.w_bits == 16:
-            raise ValueError("Recipe.lora_rank corrects weight error, but w_bits=16 leaves none")
-        if not isinstance(self.lora_iterations, int) or self.lora_iterations < 1:
-            raise ValueError(f"Recipe.lora_iterations must be an integer >= 1, got {self.lora_iterations!r}")
         _check_choice("weight_groups", self.weight_groups, WEIGHT_GROUPS)
-        _check_choice("attention", self.attention, ATTENTION)
         if self.group_size is not None:
             if not isinstance(self.group_size, int) or self.group_size < 2 or self.group_size % 2:
                 raise ValueError(f"Recipe.group_size must be None or an even integer >= 2, got {self.group_size!r}")
