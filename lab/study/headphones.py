@@ -67,6 +67,12 @@ def headphone_check(manifest: Manifest, rater_id: str) -> HeadphoneCheck:
                                 for index in range(TRIALS)))
 
 
+def headphone_interval(manifest: Manifest, rater_id: str, trial: int, interval: int) -> bytes:
+    """One sound of a rater's check (what `headphone_check` holds at trials[trial].intervals[interval]), made
+    from its own trial alone: serving one interval needs three syntheses, not the whole check's eighteen."""
+    return _intervals(manifest.secret(), rater_id, trial)[interval]
+
+
 def score_headphone_check(manifest: Manifest, rater_id: str, answers: Sequence[str | int]) -> HeadphoneResult:
     """Score the answers (1-based interval numbers), record the result with the rater, once."""
     if isinstance(answers, (str, bytes)) or not isinstance(answers, Sequence) or len(answers) != TRIALS:

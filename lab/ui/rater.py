@@ -30,10 +30,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from lab.study import Trial, trials_for
+from lab.study import Trial, headphones, trials_for
 from lab.study.blinding import rater_rng
 from lab.study.definition import HIDDEN_REFERENCE
-from lab.study.headphones import headphone_check, score_headphone_check
+from lab.study.headphones import score_headphone_check
 from lab.study.manifest import Manifest, StudyError
 from lab.study.raters import QUESTIONNAIRE, RaterRefused, Registration, rater_record, record_questionnaire
 from lab.study.registry import Studies
@@ -99,11 +99,6 @@ def scale_view(trial: Trial) -> dict:
     return {"minimum": scale.minimum, "maximum": scale.maximum, "integer": scale.integer,
             "labels": [list(label) for label in labels], "bands": [list(band) for band in bands],
             "question": scale.question}
-
-
-def headphone_interval(manifest: Manifest, rater_id: str, trial: int, interval: int) -> bytes:
-    """One sound of a rater's headphone check, made again when asked for (deterministic; not kept in memory)."""
-    return headphone_check(manifest, rater_id).trials[trial].intervals[interval]
 
 
 class RaterApi:
@@ -213,12 +208,12 @@ class RaterApi:
         manifest = self.with_headphone_check(study_id)
         rater_id = registration.rater_id
         trials = []
-        for trial in headphone_check(manifest, rater_id).trials:
+        for index in range(headphones.TRIALS):  # the sounds are made when fetched (deterministic, not kept)
             intervals = [self.clip_view(manifest, Clip(
-                manifest.study_id, rater_id, f"headphones-{trial.index}", str(number), "headphone-check",
-                generate=functools.partial(headphone_interval, manifest, rater_id, trial.index, number - 1)))
-                for number in range(1, len(trial.intervals) + 1)]
-            trials.append({"index": trial.index, "question": trial.question, "intervals": intervals})
+                manifest.study_id, rater_id, f"headphones-{index}", str(number), "headphone-check",
+                generate=functools.partial(headphones.headphone_interval, manifest, rater_id, index, number - 1)))
+                for number in range(1, headphones.INTERVALS + 1)]
+            trials.append({"index": index, "question": headphones.QUESTION, "intervals": intervals})
         return {"trials": trials}
 
     def answer_headphones(self, study_id: str, registration: Registration, body: Any) -> dict:

@@ -54,6 +54,8 @@ def test_only_the_target_has_a_narrow_band_that_differs_between_the_ears(manifes
         left, right = channels(trial.intervals[tone_interval(trial)])
         assert np.abs(np.fft.rfft(left + right)).mean() > 0  # the mixed channels still sound like noise
     assert headphone_check(manifest, "hana") == check  # the same after a reload
+    assert all(headphones.headphone_interval(manifest, "hana", trial.index, k) == sound  # served one at a time
+               for trial in check.trials for k, sound in enumerate(trial.intervals))
     enroll(manifest, "ivan")
     assert headphone_check(manifest, "ivan").trials[0].intervals != check.trials[0].intervals
 
