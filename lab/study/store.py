@@ -95,11 +95,12 @@ class RatingsStore:
                                               path_in_repo=f"studies/{manifest.study_id}", every=push_minutes,
                                               token=os.environ.get("HF_TOKEN") or None, allow_patterns=patterns)
 
-    def submit(self, trial: Trial, rater_id: str, scores: float | Mapping[str, float | None],
+    def submit(self, trial: Trial | str, rater_id: str, scores: float | Mapping[str, float | None],
                plays: Mapping[str, int], *, presented_at: float, session_id: str = "", comment: str = "",
                streamed: Mapping[str, int] | None = None) -> Submission:
         """Validate and store one page's ratings.
 
+        trial: the page, or its id: either way the rater's own list, computed here once, decides what it is.
         scores: ACR one number (1..5), AB one number (-3..3: B against A), MUSHRA {label: 0..100 or None for a
         slider not moved} for every rated clip. plays: {label: plays} as the page reports them (recorded).
         streamed: {label: complete transfers of the clip to this rater for this page}, counted by the server
@@ -108,7 +109,8 @@ class RatingsStore:
         rater_id = clean_rater_id(rater_id)
         now = self.clock()
         trials = trials_for(self.manifest, rater_id, now=now)
-        trial = next((t for t in trials if t.trial_id == trial.trial_id), None)  # the server's copy decides
+        wanted = trial if isinstance(trial, str) else trial.trial_id
+        trial = next((t for t in trials if t.trial_id == wanted), None)  # the server's copy decides
         if trial is None:
             raise ValueError("This page is not in your list: reload the study to continue where you left off.")
         unheard = [s.label for s in trial.stimuli if not _count(streamed or {}, s.label)]

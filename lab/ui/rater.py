@@ -30,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from lab.study import Trial, headphones, trials_for
+from lab.study import Trial, headphones
 from lab.study.blinding import rater_rng
 from lab.study.definition import HIDDEN_REFERENCE
 from lab.study.headphones import score_headphone_check
@@ -193,15 +193,15 @@ class RaterApi:
         self.require_headphone_result(manifest, registration)
         body = body if isinstance(body, Mapping) else {}
         rater_id = registration.rater_id
-        trial = next((t for t in trials_for(manifest, rater_id) if t.trial_id == body.get("trial_id")), None)
-        shown = self._shown.get((manifest.study_id, rater_id, trial.trial_id)) if trial else None
-        if trial is None or shown is None:
+        trial_id = str(body.get("trial_id") or "")
+        shown = self._shown.get((manifest.study_id, rater_id, trial_id))  # only the rater's own pages were shown
+        if shown is None:
             raise ApiError(409, "This page is not the one on your screen: reload the page to continue.")
         plays = body.get("plays") if isinstance(body.get("plays"), Mapping) else {}
-        submission = store.submit(trial, rater_id, body.get("scores"), dict(plays), presented_at=shown,
+        submission = store.submit(trial_id, rater_id, body.get("scores"), dict(plays), presented_at=shown,
                                   session_id=hashlib.sha256(token.encode()).hexdigest()[:12],
                                   comment=str(body.get("comment") or ""),
-                                  streamed=self.audio.streamed(manifest.study_id, rater_id, trial.trial_id))
+                                  streamed=self.audio.streamed(manifest.study_id, rater_id, trial_id))
         return {"message": submission.message or ""}
 
     def headphones(self, study_id: str, registration: Registration) -> dict:
