@@ -20,5 +20,6 @@ sqd, each with and without the rank-32 low-rank branch, plus weight-only W8A16 /
   results.md and chart.html;
 - `bench.run`: the command line and the order of the sections; `bench.machine`: what the machine is.
 
-`bench.app_timing` times one comparison of the app (`python -m bench.app_timing`).
+`bench.app_timing` times one comparison of the app (`python -m bench.app_timing`); `bench.attention` times
+float against int8 attention and the parts of an eager int8 attention (`python -m bench.attention`).
 """

@@ -6,8 +6,9 @@ the benchmark do not give.
 
 Builds the app's engine exactly as `make demo` does (embedded model, `lab.comparison.build_lab`), calibrates and
 quantizes each recipe once (not timed), then generates each pair as `Lab.compare` does (`lab.generation.generate_pair`)
-`--runs` times, recipes interleaved, and prints per run both clips' generation times and their ratio, then the median
-ratio per recipe (the machine may be shared: medians of interleaved runs, not a single pair, are what to read).
+`--runs` times, recipes interleaved, and prints per run both clips' sampling times (conditioners and DiT forwards), their
+ratio and each clip's decode (the same fp32 autoencoder for both, timed apart), then the median ratio per recipe (the
+machine may be shared: medians of interleaved runs, not a single pair, are what to read).
 Torch loads in `main`, after OMP_WAIT_POLICY defaults to PASSIVE (idle threads sleep rather than spin).
 """
 from __future__ import annotations
@@ -33,13 +34,14 @@ def default_request(lab, prompt: str = "sine tone at A4", *, steps: int | None =
 
 
 def clip_times(lab, recipe: str, request: GenerationRequest) -> dict:
-    """Both clips of one comparison of `recipe` as `Lab.compare` generates them: seconds each, their ratio, and the
-    log-mel distance of the two clips."""
+    """Both clips of one comparison of `recipe` as `Lab.compare` generates them: sampling seconds each, their ratio,
+    each clip's decode seconds, and the log-mel distance of the two clips."""
     from lab.generation import generate_pair
 
     pair = generate_pair(lab.loaded, lab.quantized.get(recipe)[0], request, trace_layer=lab.default_layer())
     fp, q = pair.full_precision.seconds_taken, pair.quantized.seconds_taken
     return {"full_precision_s": fp, "quantized_s": q, "quantized_over_full_precision": q / fp,
+            "decode_s": (pair.full_precision.decode_seconds, pair.quantized.decode_seconds),
             "logmel_db": pair.logmel_db}
 
 
@@ -68,7 +70,8 @@ def main(argv=None) -> None:
             times = clip_times(lab, recipe, request)
             ratios[recipe].append(times["quantized_over_full_precision"])
             print(f"{recipe} run {run}: full precision {times['full_precision_s']:.2f} s, quantized "
-                  f"{times['quantized_s']:.2f} s, quantized / full precision {ratios[recipe][-1]:.2f}", flush=True)
+                  f"{times['quantized_s']:.2f} s, quantized / full precision {ratios[recipe][-1]:.2f}; decode "
+                  f"{times['decode_s'][0]:.2f} s + {times['decode_s'][1]:.2f} s", flush=True)
     for recipe, values in ratios.items():
         print(f"{recipe}: quantized / full-precision clip time, median of {len(values)}: "
               f"{statistics.median(values):.2f}")

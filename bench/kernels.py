@@ -5,9 +5,9 @@
 One linear layer of each of SAO's three width pairs (K x N: 1536 x 1536, 1536 x 6144, 6144 x 1536) on `--tokens`
 rows (514 = CFG batch 2 x (256 latent tokens + 1 global token)): the float paths (fp32, bf16), every weight-only
 path of `quant.kernels.WeightOnlyWeight`, and the int8 paths (static and dynamic activations, each CPU kernel
-this torch has) with the activation quantizers alone. All timed interleaved (one call of each per round),
-median milliseconds, so a busy moment on a shared machine slows one round, not one path. Torch loads in `main`,
-after OMP_WAIT_POLICY defaults to PASSIVE (idle threads sleep rather than spin on a shared machine).
+this torch has) with the activation quantizers and dynamic's output rescale alone. All timed interleaved (one call
+of each per round), median milliseconds, so a busy moment on a shared machine slows one round, not one path. Torch
+loads in `main`, after OMP_WAIT_POLICY defaults to PASSIVE (idle threads sleep rather than spin on a shared machine).
 """
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ def layer_paths(tokens: int, k: int, n: int) -> dict:
         paths[f"W8A8 {kernel} dynamic"] = lambda p=prepared: p.linear(x, 8, None, bias)
     paths["quantize per tensor (static)"] = lambda: kernels.quantize_per_tensor(x, act_scale, 8, unsigned=True)
     paths["quantize per token (dynamic)"] = lambda: kernels.quantize_per_token(x, 8, unsigned=True)
+    y, token_scale = torch.randn(tokens, n, generator=g), kernels.quantize_per_token(x, 8)[1]
+    # what dynamic adds after oneDNN's GEMM (static's scale and bias ride in its epilogue): one pass over the output
+    paths["per-token scale + bias on the output (dynamic)"] = lambda: torch.addcmul(bias, y, token_scale)
     return paths
 
 

@@ -73,7 +73,9 @@ def forward_inputs(shape: dict, latent_tokens: int, cond_tokens: int, seed: int 
 
 def speed_at_shape(cfg: BenchConfig):
     """Yield (row, seconds) per row: {"float_s"} for fp32/bf16; for recipes {"integer_s", "fp32_paired_s"} (the
-    median fp32 forward of the rounds interleaved with the integer ones) and, for W8A8, "simulated_s".
+    median fp32 forward of the rounds interleaved with the integer ones) and, for W8A8, "simulated_s". Weight-only
+    rows that run in bf16 (`in_compute_dtype`) are paired with the bf16 DiT instead ("bf16_paired_s"): the float
+    path they must not lose to, timed beside them.
 
     One random DiT of cfg.dit_shape is built once; each row quantizes a copy of it, is timed, and is freed
     before the next (an fp32 SAO DiT is 4 GiB)."""
@@ -83,10 +85,12 @@ def speed_at_shape(cfg: BenchConfig):
     def seconds(model, reps):
         return median_seconds(lambda: model(x, t, **kwargs), reps)
 
-    def paired_with_fp32(model, reps):
+    def paired(model, reps):
         model(x, t, **kwargs)  # warm-up: prepares the integer weights
+        base = "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32"
+        reference = variant_of_dit(dit, base, stats)
         return interleaved_median_seconds({"integer_s": lambda: model(x, t, **kwargs),
-                                           "fp32_paired_s": lambda: dit(x, t, **kwargs)}, reps)
+                                           f"{base}_paired_s": lambda: reference(x, t, **kwargs)}, reps)
 
     short_x, _, short_kwargs = forward_inputs(cfg.dit_shape, min(32, cfg.latent_tokens), cfg.cond_tokens, seed=1)
     stats = quant.calibrate(dit, lambda: [dit(short_x, torch.tensor([ti]), **short_kwargs)
@@ -99,7 +103,7 @@ def speed_at_shape(cfg: BenchConfig):
             timing = {"float_s": float_runs[row][0]}
         else:
             recipe = as_recipe(row).replace(backend="integer")
-            timing = paired_with_fp32(in_compute_dtype(variant_of_dit(dit, recipe, stats), recipe), cfg.reps)
+            timing = paired(in_compute_dtype(variant_of_dit(dit, recipe, stats), recipe), cfg.reps)
             if "simulated" in timed_backends(row):
                 timing["simulated_s"] = seconds(variant_of_dit(dit, as_recipe(row).replace(backend="simulated"), stats),
                                                 cfg.simulated_reps)

@@ -4,7 +4,8 @@ Speed-ups are ratios of seconds measured in the same run (fp32 and bf16 baseline
 from another machine: the targets say how much faster, not how fast. A recipe row timed interleaved with fp32
 forwards ("fp32_paired_s") is read at the fp32 row's pace: its seconds x fp32 row / fp32 paired, so that its
 speed-up is the ratio measured alongside it, and ratios between recipes compare rows timed at different moments
-of a shared machine as if at one.
+of a shared machine as if at one. Weight-only rows computed in bf16 are timed beside the bf16 DiT instead
+("bf16_paired_s") and read at the bf16 row's pace the same way.
 """
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ from bench.config import METHODS
 
 def row_seconds(rows: dict, name: str) -> float | None:
     """Seconds of one DiT forward of row `name`: float rows' float time, recipes' integer-backend time (at the fp32
-    row's pace when it was timed interleaved with fp32, see the module docstring)."""
+    or bf16 row's pace when it was timed interleaved with that float DiT, see the module docstring)."""
     speed = rows.get(name, {}).get("speed", {})
     if speed.get("float_s"):
         return speed["float_s"]
-    seconds, paired = speed.get("integer_s"), speed.get("fp32_paired_s")
-    fp32 = rows.get("fp32", {}).get("speed", {}).get("float_s")
-    return seconds * fp32 / paired if seconds and paired and fp32 else seconds
+    seconds = speed.get("integer_s")
+    for base in ("fp32", "bf16"):
+        paired, pace = speed.get(f"{base}_paired_s"), rows.get(base, {}).get("speed", {}).get("float_s")
+        if seconds and paired and pace:
+            return seconds * pace / paired
+    return seconds
 
 
 def fastest_float_seconds(rows: dict) -> float | None:
@@ -63,7 +67,8 @@ def linear_bound(rows: dict) -> dict | None:
 # Per CPU profile (quant.kernels.PROFILES): the int8 GEMM's peak multiply-adds per cycle over those of the fastest
 # float GEMM of that kind of processor, and which float that is. VNNI's vpdpbusd does 64 int8 multiply-adds per
 # 512-bit instruction, an fp32 FMA 16 and AVX512-BF16's vdpbf16ps 32; AMX's int8 tiles do twice its bf16 tiles'.
-# A processor without an int8 dot product ("generic") has no int8 limit above its float one to state.
+# AVX2 without VNNI has twice fp32's int8 rate, but exact products take two passes there (quant.kernels._qlinear):
+# like a processor without an int8 dot product ("generic"), it has no int8 limit above its float one to state.
 INT8_PEAK = {"vnni": (4.0, "fp32"), "vnni-bf16": (2.0, "bf16"), "amx": (2.0, "bf16")}
 
 

@@ -148,7 +148,9 @@ class Lab:
                   if not any(module is dit for module in getattr(quantized_model, name).modules())]
         lines = [
             f"**Full precision:** {pair.full_precision.seconds_taken:.2f} s · "
-            f"**Quantized** (`{recipe.name}`, {precision} {method}): {pair.quantized.seconds_taken:.2f} s",
+            f"**Quantized** (`{recipe.name}`, {precision} {method}): {pair.quantized.seconds_taken:.2f} s "
+            f"(sampling; each clip's shared autoencoder decode: {pair.full_precision.decode_seconds:.2f} s / "
+            f"{pair.quantized.decode_seconds:.2f} s)",
             f"Seed {pair.request.seed} · waveform SNR {waveform_snr:.1f} dB · {space} SNR of the last denoised "
             f"estimate {pair.step_snr_db[-1]:.1f} dB · log-mel distance {pair.logmel_db:.2f} dB",
             f"DiT linear layers: {memory.linear_bytes / 2**20:.2f} MiB stored vs "
@@ -199,7 +201,8 @@ def build_lab(settings: Settings, *, model=None, model_config=None, ckpt_path=No
                                 calibration_steps=settings.calibration_steps,
                                 calibration_seconds=settings.calibration_seconds,
                                 calibration_stats=calibration_stats or settings.calibration_stats,
-                                max_models=settings.max_quantized_models)
+                                max_models=settings.max_quantized_models,
+                                memory_budget_gib=settings.quantized_memory_gib)
     for path in quantized_files:
         quantized.add_saved(path)
     lab = Lab(loaded, quantized, settings.output_dir)

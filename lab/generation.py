@@ -114,20 +114,24 @@ class LayerTrace:
     channel_max: list[np.ndarray] = field(default_factory=list)  # (in_features,) max |x| over tokens
 
     def record(self, t: float, x: torch.Tensor) -> None:
+        """One call's row, computed in torch on x's device (it runs inside every DiT forward, so inside the clip's
+        time): `torch.histc` on the uniform log10 bins, cheaper than np.histogram's search over the edges."""
         x = x.detach().float().abs().reshape(-1, x.shape[-1])  # (tokens, in_features)
-        logs = torch.log10(x.clamp_min(10.0 ** LOG_ABS_EDGES[0])).cpu().numpy().ravel()
-        counts, _ = np.histogram(np.clip(logs, LOG_ABS_EDGES[0], LOG_ABS_EDGES[-1]), bins=LOG_ABS_EDGES)
+        low, high = float(LOG_ABS_EDGES[0]), float(LOG_ABS_EDGES[-1])
+        logs = torch.log10(x.clamp_min(10.0 ** low)).clamp_max_(high)
+        counts = torch.histc(logs, bins=len(LOG_ABS_EDGES) - 1, min=low, max=high)
         self.timesteps.append(float(t))
-        self.log_abs_hist.append(counts / max(1, logs.size))
+        self.log_abs_hist.append((counts / max(1, logs.numel())).cpu().numpy())
         self.channel_max.append(x.amax(dim=0).cpu().numpy())
 
 
 @dataclass
 class Clip:
     audio: np.ndarray  # (channels, samples) float32, as the model produced it (no normalisation)
-    seconds_taken: float
+    seconds_taken: float  # sampling: conditioners and DiT forwards (what the model's precision changes)
     denoised: list[torch.Tensor]  # each sampler step's denoised estimate (model space: latents or audio)
     trace: LayerTrace | None
+    decode_seconds: float = 0.0  # the autoencoder's decode of the final latents (shared by both models)
 
 
 @dataclass
@@ -151,7 +155,11 @@ def linear_layer_names(model: torch.nn.Module) -> list[str]:
 
 def generate_clip(model: torch.nn.Module, loaded: LoadedModel, request: GenerationRequest, *,
                   trace_layer: str | None = None, quantized: bool = False) -> Clip:
-    """One clip through SAT's sampler, recording each step's denoised estimate and, optionally, one layer."""
+    """One clip through SAT's sampler, recording each step's denoised estimate and, optionally, one layer.
+
+    Sampling (`seconds_taken`) and the autoencoder's decode of its latents (`decode_seconds`) are timed apart:
+    the decode is the same fp32 autoencoder for every model, so a comparison's two times differ by what the DiT's
+    precision changes. The audio is SAT's own: its `generate_diffusion_cond` decodes the same way."""
     denoised: list[torch.Tensor] = []
     trace = LayerTrace(trace_layer) if trace_layer else None
     settings = loaded.sampling.replace(steps=request.steps, cfg_scale=request.cfg_scale,
@@ -159,14 +167,17 @@ def generate_clip(model: torch.nn.Module, loaded: LoadedModel, request: Generati
                                        sigma_max=request.sigma_max)
     with _recording(model, trace, quantized):
         start = time.perf_counter()
-        audio = sat.sample(model, [request.prompt], settings=settings, seconds=request.seconds,
-                           negative_prompt=request.negative_prompt, seed=request.seed,
-                           sample_size=loaded.sample_length(request.seconds),
-                           callback=lambda info: denoised.append(info["denoised"].detach().float().cpu()))
+        latents = sat.sample(model, [request.prompt], settings=settings, seconds=request.seconds,
+                             negative_prompt=request.negative_prompt, seed=request.seed,
+                             sample_size=loaded.sample_length(request.seconds), return_latents=True,
+                             callback=lambda info: denoised.append(info["denoised"].detach().float().cpu()))
         seconds_taken = time.perf_counter() - start
+    start = time.perf_counter()
+    audio = sat.decoder(model)(latents)
+    decode_seconds = time.perf_counter() - start
     samples = round(request.seconds * loaded.sample_rate)
-    return Clip(audio=audio[0, :, :samples].float().cpu().numpy(), seconds_taken=seconds_taken,
-                denoised=denoised, trace=trace)
+    return Clip(audio=audio[0, :, :samples].numpy(), seconds_taken=seconds_taken, denoised=denoised, trace=trace,
+                decode_seconds=decode_seconds)
 
 
 def generate_pair(loaded: LoadedModel, quantized_model: torch.nn.Module, request: GenerationRequest, *,

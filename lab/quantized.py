@@ -4,8 +4,12 @@ disk and keyed by everything they depend on.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
+import gc
 import hashlib
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -21,6 +25,7 @@ from lab.quantized_files import load_quantized, save_quantized
 from lab.sat import LoadedModel
 
 FILE_CONTENT = "dit"  # what a quantized-model file holds; part of the cache key
+GIB = 2**30
 
 
 @functools.cache
@@ -36,6 +41,10 @@ def quant_source_hash() -> str:
 class QuantizedModels:
     """LRU cache of quantized models for one loaded FP model, with its calibration statistics.
 
+    Bounded by a count (`max_models`) and by memory (`memory_budget_gib`, default `default_memory_budget_gib`):
+    before a model is built or loaded, the least recently used ones go until the models kept plus the new one's
+    expected bytes fit; each model is prepared (`prepare`) as it enters, so its bytes are measured resident.
+
     Two locks: `_lock` guards the models (building one holds it), `_stats_lock` guards calibration, which runs
     on a shared view of the FP model: a calibration in progress never blocks serving a model that needs none.
     """
@@ -43,14 +52,19 @@ class QuantizedModels:
     def __init__(self, loaded: LoadedModel, *, cache_dir: str | Path, calibration_prompts: list[str],
                  calibration_count: int | None = None, calibration_steps: int | None = None,
                  calibration_seconds: float | None = None, calibration_stats: str | Path | None = None,
-                 max_models: int = 3):
+                 max_models: int = 3, memory_budget_gib: float | None = None):
         if max_models < 1:
             raise ValueError("max_models must be at least 1.")
+        if memory_budget_gib is not None and memory_budget_gib < 0:
+            raise ValueError("memory_budget_gib must not be negative.")
         self.loaded = loaded
         self.cache_dir = Path(cache_dir) / loaded.fingerprint
         self.plan = CalibrationPlan.default(loaded, calibration_prompts, count=calibration_count,
                                             steps=calibration_steps, seconds=calibration_seconds)
         self.max_models = max_models
+        budget = default_memory_budget_gib() if memory_budget_gib is None else memory_budget_gib
+        self.memory_budget = int(budget * GIB)  # bytes the kept quantized models may hold together
+        self._sizes: dict[str, int] = {}  # recipe name -> resident bytes, measured when it entered the cache
         self.forward_seconds: float | None = None  # one prompt through one DiT forward at the plan's length
         self._models: OrderedDict[str, tuple[torch.nn.Module, quant.Recipe]] = OrderedDict()
         self._files: dict[str, Path] = {}  # recipe name -> served file (reloaded from it, never rebuilt)
@@ -71,15 +85,17 @@ class QuantizedModels:
         recipe = quant.get_recipe(name)
         with self._lock:
             if name not in self._models:
-                self._make_room(self.max_models - 1)  # before building: never max_models + 1 models at once
+                # before building: never max_models + 1 models at once, nor more bytes than the budget expects
+                self._make_room(self.max_models - 1, incoming=self._expected_bytes(name))
                 self._remember(name, self._load_or_build(recipe))
             self._models.move_to_end(name)
             return self._models[name]
 
     def add_saved(self, path: str | Path) -> quant.Recipe:
         """Serve a `save_quantized` file (made for this model) under its recipe name, no calibration."""
-        model, recipe = load_quantized(self.loaded, path)
         with self._lock:
+            self._make_room(self.max_models - 1, incoming=self._expected_bytes(""))  # room first, as `get` makes
+            model, recipe = load_quantized(self.loaded, path)
             self._files[recipe.name] = Path(path)
             self._remember(recipe.name, (model, recipe))
         return recipe
@@ -99,6 +115,11 @@ class QuantizedModels:
     def cached_names(self) -> list[str]:
         return list(self._models)
 
+    @property
+    def held_bytes(self) -> int:
+        """Resident bytes of the quantized models kept (each measured when it entered the cache)."""
+        return sum(self._sizes[name] for name in self._models)
+
     def _load_or_build(self, recipe: quant.Recipe) -> tuple[torch.nn.Module, quant.Recipe]:
         if recipe.name in self._files:
             return load_quantized(self.loaded, self._files[recipe.name], recipe)
@@ -113,14 +134,27 @@ class QuantizedModels:
         return model.eval(), recipe
 
     def _remember(self, name: str, entry: tuple[torch.nn.Module, quant.Recipe]) -> None:
+        prepare(entry[0], self.loaded)
+        self._sizes[name] = resident_bytes(entry[0])
         self._models[name] = entry
         self._models.move_to_end(name)
-        self._make_room(self.max_models)
+        self._make_room(self.max_models, floor=1)
 
-    def _make_room(self, keep: int) -> None:
-        """Drop least recently used models until at most `keep` remain."""
-        while len(self._models) > keep:
+    def _expected_bytes(self, name: str) -> int:
+        """What model `name` will hold: as measured when it was last here, else as the largest model seen."""
+        return self._sizes.get(name, max(self._sizes.values(), default=0))
+
+    def _make_room(self, keep: int, incoming: int = 0, floor: int = 0) -> None:
+        """Drop least recently used models until at most `keep` remain and their bytes plus `incoming` fit the
+        memory budget, keeping at least `floor` (the model just added, even when it alone passes the budget).
+        Dropped models' memory goes back to the system before anything new is allocated."""
+        dropped = False
+        while len(self._models) > floor and (
+                len(self._models) > keep or self.held_bytes + incoming > self.memory_budget):
             self._models.popitem(last=False)
+            dropped = True
+        if dropped:
+            release_memory()
 
     def _model_path(self, recipe: quant.Recipe) -> Path:
         return self.cache_dir / f"{recipe.name}-{recipe.hash()}-{self._cache_key()}.safetensors"
@@ -177,6 +211,54 @@ class QuantizedModels:
         a fix in quant/ must not be hidden by a stale cache."""
         spec = repr((self.plan, self._stats_source, FILE_CONTENT, quant_source_hash()))
         return hashlib.sha256(spec.encode()).hexdigest()[:10]
+
+
+@torch.no_grad()
+def prepare(model: torch.nn.Module, loaded: LoadedModel) -> None:
+    """Run a quantized model once on a minimal clip (2 steps, one latent frame, latents only), so the one-off work
+    of its first forward (int8 weights prepacked for the kernel, the weight-only path's timing probe) happens when
+    it is built or loaded, not inside the first comparison's clip. The global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        sat.sample(model, ["warm up"], settings=loaded.sampling.replace(steps=2, cfg_scale=1.0), seed=0,
+                   sample_size=int(loaded.model.min_input_length), return_latents=True)
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes a quantized model holds beyond the FP model it shares the rest with: its DiT's tensors plus the run-time
+    weight forms its layers keep (after `prepare`, what generating holds)."""
+    report = quant.memory_report(quant.find_dit(model))
+    return report.model_bytes + report.by_kind["cache"]
+
+
+def default_memory_budget_gib() -> float:
+    """Half the memory the system has available now (the FP model loaded): the other half stays free for
+    generating and for building a model. Without /proc/meminfo (not Linux), the free physical pages."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        available = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:")))
+        return available * 1024 / GIB / 2
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB / 2
+
+
+def release_memory() -> None:
+    """Collect dropped models now (module trees hold reference cycles) and hand the freed heap pages back to the
+    system: glibc keeps them otherwise, and the next model would be allocated beside them."""
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    """glibc, where `malloc_trim` exists (Linux); None elsewhere."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
 
 
 def duration(seconds: float) -> str:

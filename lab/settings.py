@@ -42,6 +42,8 @@ class Settings:
     calibration_seconds: float | None = None  # LAB_CALIBRATION_SECONDS: audio length per prompt
     calibration_stats: Path | None = None  # LAB_CALIBRATION_STATS: statistics file to use instead of calibrating
     max_quantized_models: int = 3  # LAB_MAX_QUANTIZED_MODELS: LRU bound on quantized models kept in memory
+    # LAB_QUANTIZED_MEMORY_GIB: memory the quantized models kept may hold; unset = half the RAM available at start
+    quantized_memory_gib: float | None = None
     concurrency_limit: int = 1  # LAB_CONCURRENCY: simultaneous generations (CPU-bound: keep 1)
     forwarded_allow_ips: str | None = None  # LAB_FORWARDED_ALLOW_IPS: proxies whose X-Forwarded-For is trusted
 
@@ -66,6 +68,7 @@ class Settings:
             calibration_seconds=_env_number("LAB_CALIBRATION_SECONDS", None, float),
             calibration_stats=Path(env("LAB_CALIBRATION_STATS")) if env("LAB_CALIBRATION_STATS") else None,
             max_quantized_models=_env_number("LAB_MAX_QUANTIZED_MODELS", defaults.max_quantized_models),
+            quantized_memory_gib=_env_number("LAB_QUANTIZED_MEMORY_GIB", None, float),
             concurrency_limit=_env_number("LAB_CONCURRENCY", defaults.concurrency_limit),
             forwarded_allow_ips=env("LAB_FORWARDED_ALLOW_IPS") or None,
         )

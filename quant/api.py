@@ -10,7 +10,7 @@ from .mixed import eight_bit_layers
 from .model import find_dit, linear_layers, matches_any, replace_module
 from .observers import CalibrationStats
 from .recipes import Recipe, get_recipe
-from .rotation import check_block
+from .rotation import layer_block
 from .timestep import TimestepTracker
 
 _FORMAT = "audio-dit-ptq/quantized-1"
@@ -32,10 +32,9 @@ def _as_recipe(recipe) -> Recipe:
 
 
 def _check_rotation(recipe: Recipe, targets: dict[str, nn.Linear]) -> None:
-    """ValueError naming the first layer whose width the recipe's rotation block does not divide."""
-    if recipe.rotation is not None:
-        for name, linear in targets.items():
-            check_block(recipe.rotation, linear.in_features, name)
+    """ValueError naming the first layer the recipe's rotation cannot rotate (an odd width)."""
+    for name, linear in targets.items():
+        layer_block(recipe.rotation, linear.in_features, name)
 
 
 def _check_stats(recipe: Recipe, stats: CalibrationStats) -> None:
@@ -66,7 +65,8 @@ def quantize_(model: nn.Module, recipe: Recipe | str, stats: CalibrationStats | 
     _check_not_quantized(root)
     if recipe.needs_calibration and stats is None:
         why = (f"method '{recipe.method}'" if recipe.calibrates_activations else
-               "GPTQ weight rounding" if recipe.weight_rounding == "gptq" else "a memory budget's choice of 8-bit layers")
+               f"{'GPTQ' if recipe.weight_rounding == 'gptq' else 'AdaRound'} weight rounding" if recipe.rounds_by_hessian
+               else "a memory budget's choice of 8-bit layers")
         raise ValueError(f"recipe '{recipe.name}' ({why}) needs calibration statistics: "
                          "run stats = quant.calibrate(model, forward_loop) first and pass stats=stats")
     targets = quantization_targets(root, recipe)

@@ -1,14 +1,18 @@
 """Integer matmul kernels and the activation quantizers around them: every integer kernel choice lives here.
 
 Three exact int8 x int8 paths, picked per device by `choose_kernel`:
-  "onednn"    CPU profiles with VNNI (or AMX) where torch ships the oneDNN int8 linear ops:
+  "onednn"    CPU profiles with an int8 dot product (AVX2, VNNI or AMX) where torch ships the oneDNN int8 linear ops:
               `onednn.qlinear_prepack` blocks the weight once (a resident copy, see `PreparedWeight`),
               `onednn.qlinear_pointwise` multiplies uint8 activations (codes + 128, zero point 128) by it and
               applies the per-output-channel weight scales (and, for static recipes, the scalar activation
               scale and the bias) in its epilogue. Signed int8 activations are accepted too but run oneDNN's
               reference kernel (~1000x slower, `ONEDNN_VERBOSE=1` shows `ref_int8`): always pass uint8.
               The op takes one scalar activation scale: per-token scales are applied to its output.
-  "int_mm"    `torch._int_mm` (int8 x int8 -> int32, 2-D), any CPU; the weight is a transposed view.
+              Without VNNI (AVX2) its products could saturate: the codes go in as two halves (`_qlinear`),
+              exact, at about fp32's speed (two GEMMs at ~2x fp32's rate each).
+  "int_mm"    `torch._int_mm` (int8 x int8 -> int32, 2-D), any CPU; the weight is a transposed view. On x86 it
+              runs no SIMD int8 kernel (a 514 x 1536 x 1536 product took 25x fp32's time on an AVX2 EPYC,
+              where oneDNN's took 0.43x): the fallback where oneDNN's ops are missing or the CPU lacks AVX2.
   "cuda"      `torch._int_mm` on CUDA, zero-padded to its shape rules (M > 16; K, N multiples of 8).
 All three give the same integer accumulators; only the float rescale's rounding differs. Each prepared form
 gives the int8 codes back exactly (`int8_codes`), so a layer keeps that form alone (see quant/linear.py).
@@ -38,7 +42,7 @@ input's dtype; the result is cast back to the input's dtype.
 CPU profile: every choice above that depends on the processor asks `cpu_profile()` and nothing else (so do
 the low-rank branch's dtype and the demo model's training autocast). It is the detected CPU, or a named
 profile (PROFILES) forced by `set_cpu_profile` / `using_cpu_profile` or by QUANT_CPU_PROFILE=auto|generic|
-vnni|vnni-bf16|amx (the function wins over the variable; both are read at every forward), so that tests and
+avx2|vnni|vnni-bf16|amx (the function wins over the variable; both are read at every forward), so that tests and
 users can run as on another kind of CPU. A profile claiming a feature the CPU lacks still computes correctly:
 oneDNN and torch dispatch on the real CPU, so it only runs slower (emulated bf16, oneDNN's plain int8
 kernels). A profile fixes the int8 kernel, the dtype weight-only and bf16 low-rank layers compute in, and the
@@ -64,13 +68,15 @@ WEIGHT_ONLY_ENV = "QUANT_WEIGHT_ONLY_KERNEL"
 WEIGHT_ONLY_CHOICES = ("auto", "resident", "packed", "dequant")
 _INT4PACK_GROUPS = (256, 128, 64, 32)  # the scale group sizes `_weight_int4pack_mm_for_cpu` accepts
 _U8_ZERO_POINT = 128  # oneDNN's fast x86 int8 kernels want unsigned activations: codes + 128
+_ROUNDER = 1.5 * 2**23  # float32 x + this rounds x to an integer held in the low bits (`_rounded_codes`)
 _forced: str | None = None
 PROFILE_ENV = "QUANT_CPU_PROFILE"
-PROFILES = {  # name -> (vnni, native_bf16, amx), the processor kinds the kernels were measured on
-    "generic": (False, False, False),  # no int8 dot product (older x86, other architectures)
-    "vnni": (True, False, False),  # e.g. Intel Xeon Cascade Lake / Ice Lake: AVX512-VNNI, bf16 emulated
-    "vnni-bf16": (True, True, False),  # e.g. AMD EPYC Zen 4: AVX512-VNNI and AVX512-BF16
-    "amx": (True, True, True),  # Intel Xeon Sapphire Rapids and later: AMX int8/bf16 tiles (and VNNI)
+PROFILES = {  # name -> (avx2, vnni, native_bf16, amx), the processor kinds the kernels were measured on
+    "generic": (False, False, False, False),  # no SIMD int8 dot product (pre-AVX2 x86, other architectures)
+    "avx2": (True, False, False, False),  # e.g. AMD EPYC Zen 2 / 3: AVX2's u8 x s8 dot product, no AVX512
+    "vnni": (True, True, False, False),  # e.g. Intel Xeon Cascade Lake / Ice Lake: AVX512-VNNI, bf16 emulated
+    "vnni-bf16": (True, True, True, False),  # e.g. AMD EPYC Zen 4: AVX512-VNNI and AVX512-BF16
+    "amx": (True, True, True, True),  # Intel Xeon Sapphire Rapids and later: AMX int8/bf16 tiles (and VNNI)
 }
 PROFILE_CHOICES = ("auto", *PROFILES)
 _forced_profile: str | None = None
@@ -83,7 +89,8 @@ class CpuProfile:
     """The CPU features the kernel choices depend on. source: "detected", or what forced a named profile
     (`set_cpu_profile` or the QUANT_CPU_PROFILE variable)."""
     name: str
-    vnni: bool  # int8 dot products (VNNI, or AMX which has them too): oneDNN's int8 kernels are fast
+    avx2: bool  # AVX2's u8 x s8 dot product (vpmaddubsw), or better: oneDNN's int8 kernels are fast
+    vnni: bool  # VNNI's fused int8 dot product (or AMX, which has it too): 4x fp32's multiply-adds per cycle
     native_bf16: bool  # bf16 matmuls in hardware (AVX512-BF16 or AMX); emulated ones run ~4x slower than fp32
     amx: bool
     source: str = "detected"
@@ -99,17 +106,18 @@ class CpuProfile:
         return f"{self.name}, forced by {self.source} (this CPU: {detected_cpu_profile().name})"
 
     def features(self) -> str:
-        """For reports: "VNNI yes, native bf16 yes, AMX no"."""
+        """For reports: "AVX2 yes, VNNI yes, native bf16 yes, AMX no"."""
         def yes(flag):
             return "yes" if flag else "no"
-        return f"VNNI {yes(self.vnni)}, native bf16 {yes(self.native_bf16)}, AMX {yes(self.amx)}"
+        return f"AVX2 {yes(self.avx2)}, VNNI {yes(self.vnni)}, native bf16 {yes(self.native_bf16)}, AMX {yes(self.amx)}"
 
 
 @functools.cache
 def detected_cpu_profile() -> CpuProfile:
     """This CPU's profile, from torch's own feature checks (the ones its kernels dispatch on)."""
     amx = _cpu_has("_is_amx_tile_supported")
-    flags = (_cpu_has("_is_vnni_supported") or amx, _cpu_has("_is_avx512_bf16_supported") or amx, amx)
+    vnni = _cpu_has("_is_vnni_supported") or amx
+    flags = (_cpu_has("_is_avx2_supported") or vnni, vnni, _cpu_has("_is_avx512_bf16_supported") or amx, amx)
     name = next((name for name, named_flags in PROFILES.items() if named_flags == flags), "bf16 without VNNI")
     return CpuProfile(name, *flags)
 
@@ -161,8 +169,9 @@ def _cpu_has(check_name: str) -> bool:
 
 
 def onednn_fast() -> bool:
-    """True when oneDNN has a fast int8 kernel here: the ops exist and the CPU profile has VNNI (or AMX)."""
-    return onednn_available() and cpu_profile().vnni
+    """True when oneDNN has a fast int8 kernel here: the ops exist and the CPU profile has an int8 dot product
+    (AVX2 or better)."""
+    return onednn_available() and cpu_profile().avx2
 
 
 def native_bf16(device: torch.device | str = "cpu") -> bool:
@@ -195,8 +204,8 @@ def requested_kernel() -> str:
 def choose_kernel(device: torch.device | str = "cpu") -> str:
     """The int8 kernel used on `device`: "cuda" on CUDA devices; on CPU "onednn" or "int_mm".
 
-    auto: "onednn" where its ops exist and the CPU profile has VNNI (measured fastest there), else "int_mm".
-    Forcing "onednn" where the ops are missing raises; forcing it on a CPU without VNNI/AMX is allowed
+    auto: "onednn" where its ops exist and the CPU profile has AVX2 or better (measured fastest there), else
+    "int_mm". Forcing "onednn" where the ops are missing raises; forcing it on a CPU without AVX2 is allowed
     (correct, slow: for tests)."""
     device = torch.device(device)
     if device.type == "cuda":
@@ -300,9 +309,14 @@ def _absmax_per_token(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
 
 
-def _offset(codes_int8: torch.Tensor) -> torch.Tensor:
-    """int8 codes in [-127, 127] -> uint8 codes + 128, in place on the bytes (wrap-around add is exact)."""
-    return codes_int8.view(torch.uint8).add_(_U8_ZERO_POINT)
+def _rounded_codes(quotient: torch.Tensor, unsigned: bool) -> torch.Tensor:
+    """float32 quotients q, |q| < 2^22 -> int8 round(q) (half to even, as torch.round), or uint8 round(q) + 128.
+
+    Two passes instead of round, cast and offset: adding 1.5 * 2^23 (+ 128) in place rounds q to an integer
+    (float32 steps by 1 in [2^23, 2^24), and an even addend keeps ties at even), and that integer is the low
+    byte of the sum's bits, which the int32 -> 8-bit cast keeps (it wraps). The sum overwrites `quotient`."""
+    rounder = _ROUNDER + (_U8_ZERO_POINT if unsigned else 0)
+    return quotient.add_(rounder).view(torch.int32).to(torch.uint8 if unsigned else torch.int8)
 
 
 def quantize_per_token(x: torch.Tensor, bits: int, *, unsigned: bool = False):
@@ -315,16 +329,15 @@ def quantize_per_token(x: torch.Tensor, bits: int, *, unsigned: bool = False):
     """
     x = x.float()
     scale = _absmax_per_token(x).clamp_(min=EPS * qmax(bits)).div_(qmax(bits))
-    codes = torch.div(x, scale).round_().to(torch.int8)
-    return (_offset(codes) if unsigned else codes), scale
+    return _rounded_codes(torch.div(x, scale), unsigned), scale
 
 
 def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor | float, bits: int, *,
                         unsigned: bool = False) -> torch.Tensor:
-    """Static quantization with a calibrated scalar scale: x (M, K) -> codes int8 (or uint8 + 128) (M, K)."""
+    """Static quantization with a calibrated scalar scale: x (M, K) -> codes int8 (or uint8 + 128) (M, K).
+    Clamping before rounding gives the same codes as after (the bounds are integers)."""
     q = qmax(bits)
-    codes = torch.div(x.float(), scale).round_().clamp_(-q, q).to(torch.int8)
-    return _offset(codes) if unsigned else codes
+    return _rounded_codes(torch.div(x.float(), scale).clamp_(-q, q), unsigned)
 
 
 # ---- integer matmuls ------------------------------------------------------------------------
@@ -433,10 +446,24 @@ class PreparedWeight:
         return scaled_int_matmul(codes, x_scale, self.codes.t(), self.scale, bias)
 
 
-def _qlinear(codes_u8: torch.Tensor, x_scale: float, w: PreparedWeight, bias: torch.Tensor | None):
+def _qlinear(codes_u8: torch.Tensor, x_scale: float, w: PreparedWeight, bias: torch.Tensor | None,
+             split: bool | None = None):
+    """oneDNN's int8 linear of uint8 codes (zero point 128). On x86 without VNNI its kernels multiply with AVX2's
+    vpmaddubsw, which saturates each pair of u8 x s8 products at 32767 (255 x 127 x 2 = 64770 does not fit):
+    there (`split` None: the real CPU decides, not the profile) the codes go in as two halves that cannot
+    saturate, u = 2 h + l with h = u >> 1 (<= 127, zero point 64) and l = u & 1 (zero point 0), summed."""
+    if split is None:
+        split = not detected_cpu_profile().vnni
+    if not split:
+        return _onednn_call(codes_u8, float(x_scale), _U8_ZERO_POINT, w, bias)
+    high = _onednn_call(codes_u8 >> 1, 2.0 * float(x_scale), _U8_ZERO_POINT // 2, w, bias)
+    return high.add_(_onednn_call(codes_u8 & 1, float(x_scale), 0, w, None))
+
+
+def _onednn_call(codes_u8: torch.Tensor, x_scale: float, zero_point: int, w: PreparedWeight,
+                 bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.onednn.qlinear_pointwise(
-        codes_u8, float(x_scale), _U8_ZERO_POINT, w.packed, w.scale, w.zero_points, bias,
-        1.0, 0, torch.float32, "none", [], "")
+        codes_u8, x_scale, zero_point, w.packed, w.scale, w.zero_points, bias, 1.0, 0, torch.float32, "none", [], "")
 
 
 class WeightOnlyWeight:

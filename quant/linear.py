@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gptq import gptq_codes, gptq_quantize_weight
+from .adaround import hessian_codes
 from .kernels import (
     PreparedWeight,
     WeightOnlyWeight,
@@ -59,9 +59,10 @@ from .primitives import (
     quantize,
     quantize_weight,
     unpack_int4,
+    weight_scale,
 )
 from .recipes import Recipe
-from .rotation import check_block, rotate
+from .rotation import layer_block, rotate
 from .timestep import TimestepTracker, group_index
 
 _SCALE_BUFFERS = ("weight_scale", "act_scale", "smooth", "timestep_boundaries")  # float32 whatever the model's dtype
@@ -80,8 +81,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"int4 weights are packed two per byte: in_features must be even, got {in_features}")
         if recipe.group_size is not None and in_features % recipe.group_size:
             raise ValueError(f"group_size {recipe.group_size} does not divide in_features {in_features}")
-        if recipe.rotation is not None:
-            check_block(recipe.rotation, in_features)
+        self.rotation_block = layer_block(recipe.rotation, in_features)  # this layer's Hadamard block, or None
         self.in_features, self.out_features = in_features, out_features
         self.recipe = recipe
         self.dtype = dtype  # the original weight dtype: bias, float weights and the simulated cache use it
@@ -163,8 +163,9 @@ class QuantLinear(nn.Module):
 
     def _store_weight(self, copy_index: int, w: torch.Tensor, hessian: torch.Tensor | None = None) -> None:
         """Quantize one (smoothed) weight copy w (out, in), fitting the low-rank branch first if any; with a
-        GPTQ `hessian`, round what the branch leaves (W - branch) by GPTQ (the branch's fit stays on the
-        round-to-nearest residual: on the demo model that order beat fitting it to the GPTQ residual)."""
+        `hessian`, round what the branch leaves (W - branch) by the recipe's GPTQ or AdaRound (the branch's fit
+        stays on the round-to-nearest residual: on the demo model that order beat fitting it to the GPTQ
+        residual)."""
         recipe = self.recipe
         if recipe.w_bits == 16:
             self.qweight[copy_index] = w.to(self.dtype)
@@ -182,11 +183,14 @@ class QuantLinear(nn.Module):
         if recipe.progressive_groups:  # 4-bit codes under the integer group scales, stored with them
             scale, group_scale = progressive_scales(w, recipe.group_size)
             step = progressive_step(group_scale, scale, w.shape[1])
-            codes = quantize(w, step, 4) if hessian is None else gptq_codes(w, step, 4, hessian)
+            codes = quantize(w, step, 4) if hessian is None else hessian_codes(w, step, 4, hessian,
+                                                                               recipe.weight_rounding)
             self.weight_group_scale[copy_index] = group_scale
             codes = progressive_codes(codes, group_scale)
         elif hessian is not None:
-            codes, scale = gptq_quantize_weight(w, recipe.w_bits, hessian, recipe.group_size)
+            scale = weight_scale(w.float(), recipe.w_bits, recipe.group_size)
+            codes = hessian_codes(w, expand_group_scale(scale, w.shape[1]), recipe.w_bits, hessian,
+                                  recipe.weight_rounding)
         else:
             codes, scale = quantize_weight(w, recipe.w_bits, recipe.group_size)
         self.qweight[copy_index] = self._stored_form(codes, copy_index)
@@ -329,8 +333,8 @@ class QuantLinear(nn.Module):
         w = self.dequantized_weight(copy_index)
         if self.lowrank is not None:
             w = w + self.lowrank[copy_index].weight()
-        if self.recipe.rotation is not None:
-            w = rotate(w, self.recipe.rotation)  # R(x) M^T = x (M R)^T: R is symmetric and orthogonal
+        if self.rotation_block is not None:
+            w = rotate(w, self.rotation_block)  # R(x) M^T = x (M R)^T: R is symmetric and orthogonal
         if self.smooth is not None:
             w = w / self.smooth[copy_index]  # (x / s) M^T = x (M / s)^T, column-wise
         return w
@@ -348,7 +352,7 @@ class QuantLinear(nn.Module):
         """R(x / s): the smoothing of `group`'s copy, then the rotation (each only when the recipe has it)."""
         if self.smooth is not None:
             x = x / self.smooth[self._copy_for(group)]
-        return rotate(x, self.recipe.rotation) if self.recipe.rotation is not None else x
+        return rotate(x, self.rotation_block) if self.rotation_block is not None else x
 
     def _fake_quant_input(self, x: torch.Tensor, group: int) -> torch.Tensor:
         bits = self.recipe.a_bits

@@ -17,7 +17,7 @@ from .linear import QuantLinear
 from .observers import CalibrationStats
 from .primitives import fake_quant_weight
 from .recipes import Recipe
-from .rotation import rotate
+from .rotation import layer_block, rotate
 
 
 def stored_bytes(linear: nn.Linear, recipe: Recipe) -> int:
@@ -32,8 +32,9 @@ def stored_bytes(linear: nn.Linear, recipe: Recipe) -> int:
 def output_error(weight: torch.Tensor, rows: torch.Tensor, recipe: Recipe) -> float:
     """Relative output error ||X (W - Q(W))^T||^2 / ||X W^T||^2 of `recipe`'s weight rounding on `rows`."""
     w, x = weight.float(), rows.float()
-    if recipe.rotation is not None:
-        w, x = rotate(w, recipe.rotation), rotate(x, recipe.rotation)
+    block = layer_block(recipe.rotation, w.shape[1])
+    if block is not None:
+        w, x = rotate(w, block), rotate(x, block)
     error = x @ (w - fake_quant_weight(w, recipe.w_bits, recipe.group_size, recipe.progressive_groups)).t()
     return float(error.pow(2).sum() / (x @ w.t()).pow(2).sum().clamp_min(1e-30))
 

@@ -28,7 +28,7 @@ from .gptq import hessian_from_rows
 from .observers import LayerCalibration
 from .primitives import fake_quant, fake_quant_weight, per_token_scale, scale_from_absmax
 from .recipes import Recipe
-from .rotation import rotate
+from .rotation import layer_block, rotate
 from .smooth import search_alpha, smoothing_factors, smoothing_statistic
 
 
@@ -49,7 +49,7 @@ def _missing(what: str, recipe: Recipe, name: str) -> ValueError:
 
 def plan_layer(weight: torch.Tensor, recipe: Recipe, calib: LayerCalibration | None, name: str = "") -> LayerPlan:
     """Everything `QuantLinear.from_float` stores besides the quantized codes. weight: float32 (out, in)."""
-    block = recipe.rotation
+    block = layer_block(recipe.rotation, weight.shape[1], name)
     device = weight.device
     groups = recipe.timestep_groups
     if not recipe.needs_calibration:  # dynamic, weight-only: no statistics, no smoothing
@@ -108,7 +108,7 @@ def plan_layer(weight: torch.Tensor, recipe: Recipe, calib: LayerCalibration | N
     weights = [transformed_weight(s) for s in factors] if factors is not None else [transformed_weight(None)]
     act_scale = act_scales(factors) if recipe.static_activations else None
     hessians = None
-    if recipe.weight_rounding == "gptq":
+    if recipe.rounds_by_hessian:
         hessians = []
         for v in range(len(weights)):
             s = None if factors is None else factors[v]
@@ -131,7 +131,7 @@ def _fake_quant_weight(w: torch.Tensor, recipe: Recipe) -> torch.Tensor:
 def _static_scale(recipe: Recipe, absmax: torch.Tensor, s: torch.Tensor | None, rows: torch.Tensor | None,
                   hist: torch.Tensor | None) -> torch.Tensor:
     """The calibrated per-tensor scale of one group's activation x' = R(x / s) (see the module docstring)."""
-    block = recipe.rotation
+    block = layer_block(recipe.rotation, absmax.shape[-1])
     transformed = s is not None or block is not None
     bound = (absmax / s if s is not None else absmax).amax()    # exact max of the (smoothed) activation
     if recipe.estimator == "holdout":

@@ -16,7 +16,7 @@ LORA_DTYPES = ("float32", "float16", "bfloat16")
 LORA_INITS = ("svd", "random")
 ESTIMATORS = ("max", "percentile", "mse", "holdout")  # see quant/estimators.py
 SMOOTHINGS = ("per-group", "max", "mean")  # see Recipe.smoothing
-ROUNDINGS = ("nearest", "gptq")  # see Recipe.weight_rounding
+ROUNDINGS = ("nearest", "gptq", "adaround")  # see Recipe.weight_rounding
 WEIGHT_GROUPS = ("float", "progressive")  # see Recipe.weight_groups
 ATTENTION = ("float", "int8")  # see Recipe.attention
 ALPHA_SEARCH = "search"
@@ -67,13 +67,16 @@ class Recipe:
             one weight copy. "mean": one vector from the per-timestep channel profiles (each timestep's
             per-channel max divided by its own per-tensor max, so quiet steps count as much as loud ones),
             averaged and rescaled to the overall max, one weight copy.
-        rotation: None, or the block size (a power of two dividing every quantized layer's in_features) of a
-            block-diagonal Hadamard rotation of the input channels: the weight is rotated once before
-            quantizing, the activation at run time before it is quantized. See quant/rotation.py.
-        weight_rounding: "nearest" (round each weight to its closest code) or "gptq" (choose codes column by
-            column so the layer's output error on the calibration sample rows is smallest: quant/gptq.py).
-            Same scales, same stored format; "gptq" makes any recipe a calibrated one. With the low-rank
-            branch, the branch is fitted to the round-to-nearest residual first and GPTQ rounds W - branch.
+        rotation: None, or the largest block size (a power of two) of a block-diagonal Hadamard rotation of the
+            input channels: each layer uses the largest power of two up to it that divides its in_features. The
+            weight is rotated once before quantizing, the activation at run time before it is quantized. See
+            quant/rotation.py.
+        weight_rounding: "nearest" (round each weight to its closest code), "gptq" (choose codes column by
+            column so the layer's output error on the calibration sample rows is smallest: quant/gptq.py) or
+            "adaround" (start from GPTQ's codes and learn each weight's rounding up or down against the same
+            output error, never ending above GPTQ's: quant/adaround.py). Same scales, same stored format; "gptq"
+            and "adaround" make any recipe a calibrated one. With the low-rank branch, the branch is fitted to the
+            round-to-nearest residual first and GPTQ / AdaRound round W - branch.
         lora_rank: rank of the SVD low-rank branch on the residual weight error (0 = none).
         lora_iterations: alternations Q = Q(W - L), L = SVD_r(W - Q) (1 = plain SVD of W - Q(W)).
         lora_dtype: dtype the branch is stored and run in.
@@ -187,8 +190,9 @@ class Recipe:
     def _check_weights(self) -> None:
         """Rounding, memory budget and groups: how the weight codes are chosen and stored."""
         _check_choice("weight_rounding", self.weight_rounding, ROUNDINGS)
-        if self.weight_rounding == "gptq" and self.w_bits == 16:
-            raise ValueError("Recipe.weight_rounding='gptq' chooses weight codes, but w_bits=16 keeps float weights")
+        if self.rounds_by_hessian and self.w_bits == 16:
+            raise ValueError(f"Recipe.weight_rounding='{self.weight_rounding}' chooses weight codes, but w_bits=16 "
+                             "keeps float weights")
         if self.memory_budget is not None:
             if (isinstance(self.memory_budget, bool) or not isinstance(self.memory_budget, (int, float))
                     or not 0.0 < self.memory_budget <= 1.0):
@@ -217,9 +221,14 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        """Calibration statistics are needed: for the activations, for GPTQ's input statistics, or for a memory
-        budget's choice of 8-bit layers."""
-        return self.calibrates_activations or self.weight_rounding == "gptq" or self.memory_budget is not None
+        """Calibration statistics are needed: for the activations, for GPTQ's / AdaRound's input statistics, or for
+        a memory budget's choice of 8-bit layers."""
+        return self.calibrates_activations or self.rounds_by_hessian or self.memory_budget is not None
+
+    @property
+    def rounds_by_hessian(self) -> bool:
+        """Weight codes chosen against the layer's input statistics H (GPTQ, AdaRound): H needs sample rows."""
+        return self.weight_rounding in ("gptq", "adaround")
 
     @property
     def progressive_groups(self) -> bool:
@@ -255,11 +264,11 @@ class Recipe:
 
     @property
     def needs_samples(self) -> bool:
-        """Calibration sample rows are needed: for an alpha search, for GPTQ, for a memory budget's choice of 8-bit
-        layers, and for a static scale of a transformed (smoothed or rotated) activation other than the exact max
-        bound of a smoothed one."""
+        """Calibration sample rows are needed: for an alpha search, for GPTQ / AdaRound, for a memory budget's choice
+        of 8-bit layers, and for a static scale of a transformed (smoothed or rotated) activation other than the
+        exact max bound of a smoothed one."""
         transformed = self.smooths or self.rotation is not None
-        return (self.alpha_search or self.weight_rounding == "gptq" or self.memory_budget is not None
+        return (self.alpha_search or self.rounds_by_hessian or self.memory_budget is not None
                 or (self.static_activations and (self.estimator == "holdout" or transformed and (
                     self.estimator != "max" or self.rotation is not None))))
 
@@ -309,8 +318,8 @@ def preset_name(w_bits: int, a_bits: int, method: str, lora: bool = False, varia
 
 SQD_TIMESTEP_GROUPS = 4  # the paper's SQD: smoothing adapts to the denoising timestep; 4 groups = 4 weight copies
 STATIC_TIMESTEP_GROUPS = 4  # timestep-aware static variants: one activation scale per group, no weight copy
-ROTATION_BLOCK = 32  # Hadamard block of the presets that rotate: divides the widths of SAO, the demo model and
-#                      the test models (all multiples of 32); measured on the demo model in docs/fidelity.md
+ROTATION_BLOCK = 128  # largest Hadamard block of the presets that rotate (a layer narrower in powers of two uses
+#                       its own): on the demo model's held-out prompts 128 beat 32 (docs/fidelity.md)
 LORA_RANK = 32
 
 # The presets' recipe per method (fields besides bits and the low-rank branch). "sqd" is the single-copy

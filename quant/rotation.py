@@ -8,8 +8,9 @@ activation is rotated at run time, before it is quantized (one small float matmu
 (tokens, in / block, block) @ (block, block)).
 
 R = diag(H, ..., H) with H the normalised Sylvester-Hadamard matrix of size `block` (a power of two), which is
-symmetric and its own inverse, so rotating twice gives x back. `block` must divide the layer's in_features.
-Nothing is stored: R follows from `block` alone.
+symmetric and its own inverse, so rotating twice gives x back. A recipe's rotation is the largest block: each
+layer uses the largest power of two up to it that divides its in_features (`layer_block`), so one recipe fits
+models of different widths. Nothing is stored: R follows from the block and the layer's width.
 """
 import functools
 
@@ -25,6 +26,19 @@ def check_block(block: int, in_features: int | None = None, name: str = "") -> N
         raise ValueError(f"rotation block {block} does not divide in_features {in_features}{where}: choose a "
                          f"power of two that divides every quantized layer's width (e.g. "
                          f"{largest_block(in_features)} here), or skip the layer")
+
+
+def layer_block(block: int | None, in_features: int, name: str = "") -> int | None:
+    """The block a layer of width `in_features` uses under a recipe's largest `block` (None: no rotation): the
+    largest power of two <= block dividing in_features. ValueError when that is 1 (an odd width)."""
+    if block is None:
+        return None
+    check_block(block)
+    used = min(block, largest_block(in_features))
+    if used < 2:
+        where = f" of layer '{name}'" if name else ""
+        raise ValueError(f"rotation needs an even in_features to rotate over, got {in_features}{where}: skip the layer")
+    return used
 
 
 def largest_block(in_features: int) -> int:

@@ -7,7 +7,8 @@ Each step runs in its own process, so each peak RSS (`wait4`'s ru_maxrss) is tha
   calibrate  `ptq-quantize calibrate` under the default plan -> statistics file
   quantize   `ptq-quantize quantize --preset w8a8-smoothquant --stats-in ...` -> quantized-model file
   app        `ptq-lab --quantized FILE` (no statistics): time to the first page, then /generate for a 3 s clip at
-             8 steps with the served calibrated recipe and with w8a8-dynamic; the app must not calibrate
+             8 steps with the served calibrated recipe and with w8a8-dynamic (the served model makes room for it:
+             the quantized-model budget holds one W8A8 DiT); the app must not calibrate
   identity   the CLI's file loaded, saved and reloaded bit-identically; the app's cache, given the same statistics,
              builds the same tensors as the CLI
 A watchdog kills a step whose RSS passes --memory-limit-gib (the machine is shared). Writes OUT/sao-check.json,
@@ -31,7 +32,10 @@ PYTHON = sys.executable
 CALIBRATED, DYNAMIC = "w8a8-smoothquant", "w8a8-dynamic"
 REQUEST = dict(prompt="soft sine tone at A4", negative="", seconds=3.0, steps=8, cfg=7.0, sampler="dpmpp-3m-sde",
                seed="1", layer="transformer.layers.12.ff.ff.2")
-TARGET_APP_PEAK_GIB = 12.0  # FP model + one quantized copy + working set, for the 1.2 B model
+TARGET_APP_PEAK_GIB = 8.0  # FP model (4.5 GiB) + quantized DiTs within APP_QUANTIZED_MEMORY_GIB + working set
+APP_QUANTIZED_MEMORY_GIB = 1.5  # the app's budget for quantized models (LAB_QUANTIZED_MEMORY_GIB): one W8A8 DiT
+TARGET_QUANTIZED_OVER_FP = 0.45  # a comparison's quantized clip time over its full-precision one (a figure, not a check)
+SUMMARY_TIMES = re.compile(r"\*\*Full precision:\*\* ([\d.]+) s .*\*\*Quantized\*\* .*: ([\d.]+) s")
 TARGET_CALIBRATION_EXTRA_GIB = 2.0  # calibration's peak RSS above the FP model's bytes
 GIB = 2**30
 
@@ -89,6 +93,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def clip_times(summary: str) -> dict:
+    """Both clips' sampling seconds from a comparison's summary, and their ratio."""
+    match = SUMMARY_TIMES.search(summary)
+    if match is None:
+        return {}
+    full_precision, quantized = (float(value) for value in match.groups())
+    return {"full_precision_s": full_precision, "quantized_s": quantized,
+            "quantized_over_full_precision": round(quantized / full_precision, 3)}
+
+
 def app_step(model_args: list[str], quantized: Path, out: Path, limit_gib: float) -> dict:
     """Serve the model with the CLI's file as `ptq-lab` does, time the first page, compare two recipes."""
     from gradio_client import Client
@@ -96,7 +110,7 @@ def app_step(model_args: list[str], quantized: Path, out: Path, limit_gib: float
     port, password = free_port(), secrets.token_urlsafe(9)
     env = {**os.environ, "LAB_CACHE_DIR": str(out / "app-cache"), "LAB_OUTPUT_DIR": str(out / "app-outputs"),
            "LAB_STUDIES_DIR": str(out / "app-studies"), "LAB_ADMIN_PASSWORD": password,
-           "LAB_MAX_QUANTIZED_MODELS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+           "LAB_QUANTIZED_MEMORY_GIB": str(APP_QUANTIZED_MEMORY_GIB), "GRADIO_ANALYTICS_ENABLED": "False"}
     command = [PYTHON, "-m", "app", *model_args, "--quantized", str(quantized), "--port", str(port)]
     print(f"[app] {' '.join(command)}", flush=True)
     log_path = out / "app.log"
@@ -126,7 +140,8 @@ def app_step(model_args: list[str], quantized: Path, out: Path, limit_gib: float
                 outputs = client.predict(**{**REQUEST, "precision": precision.upper(), "method": method,
                                             "lora": False}, api_name="/generate")
                 seconds = round(time.perf_counter() - began, 1)
-                result["comparisons"][recipe] = {"seconds": seconds, "summary": outputs[2].split("\n\n")}
+                result["comparisons"][recipe] = {"seconds": seconds, **clip_times(outputs[2]),
+                                                 "summary": outputs[2].split("\n\n")}
                 print(f"[app] {recipe}: {seconds} s | {outputs[2].splitlines()[0]}", flush=True)
             result["peak_rss_gib"] = round(status_kib(process.pid, "VmHWM") * 1024 / GIB, 2)
         finally:

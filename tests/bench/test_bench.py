@@ -79,6 +79,15 @@ def test_rows_timed_alongside_fp32_are_read_at_the_fp32_rows_pace():
     assert _target(checked, "W8A8 dynamic time / W8A8 static time (integer)")["value"] == pytest.approx(1.1)
 
 
+def test_weight_only_rows_timed_alongside_bf16_are_read_at_the_bf16_rows_pace():
+    # w8a16 ran beside the bf16 DiT (4.4 s there against the bf16 row's 4.0): at the bf16 row's pace, 4.0 x 4.2 / 4.4
+    rows = {"fp32": {"speed": {"float_s": 8.0}}, "bf16": {"speed": {"float_s": 4.0}},
+            "w8a16": {"speed": {"integer_s": 4.2, "bf16_paired_s": 4.4}}}
+    assert targets.row_seconds(rows, "w8a16") == pytest.approx(4.2 * 4.0 / 4.4)
+    targets.add_speedups(rows)
+    assert rows["w8a16"]["speed"]["x_fastest_float"] == pytest.approx(4.4 / 4.2)
+
+
 def test_linear_bound_follows_the_share_and_the_static_speed_up():
     # linears are 80 % of the fp32 forward: free linears give 5x; a 2.5x forward means linears at 0.8 / 0.2 = 4x
     rows = {"fp32": {"speed": {"linear_share": 0.8}}, "w8a8-static": {"speed": {"integer_x_fp32": 2.5}}}

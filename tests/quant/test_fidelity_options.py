@@ -65,11 +65,6 @@ GROUPED_OPTIONS = {
 }
 
 
-def in_tiny_dit(option: dict) -> dict:
-    """An option for the tiny DiT, whose narrowest quantized layer has 32 input channels."""
-    return {**option, "rotation": 32} if option.get("rotation") else option
-
-
 # ---- rotation ------------------------------------------------------------------------------------
 
 def test_hadamard_blocks_are_orthogonal_and_their_own_inverse():
@@ -105,10 +100,21 @@ def test_rotation_flattens_outlier_channels():
     assert ratio(rotation.rotate(x, 128)) < ratio(x) / 3
 
 
-def test_rotation_block_must_divide_every_quantized_width():
-    model = toy_model()
-    with pytest.raises(ValueError, match="does not divide in_features 256 of layer '0'"):
-        quant.quantize_(copy.deepcopy(model), quant.Recipe(method="dynamic", rotation=512))
+def test_each_layer_rotates_over_the_largest_block_its_width_allows():
+    model = nn.Sequential(nn.Linear(96, 64), nn.GELU(), nn.Linear(64, 8)).eval()
+    q = quant.quantize_(copy.deepcopy(model), quant.Recipe(method="dynamic", rotation=128, backend="simulated"))
+    layers = quant.quantized_layers(q)
+    assert [layers[name].rotation_block for name in ("0", "2")] == [32, 64]  # 96 = 3 x 32; 64 < 128
+    for name in ("0", "2"):  # Q(W R) R ~ W: the weight was rotated and is rotated back with the same block
+        w = model[int(name)].weight.detach()
+        error = (layers[name].effective_weight() - w).norm() / w.norm()
+        assert error < 0.02
+
+
+def test_rotation_refuses_an_odd_width():
+    model = nn.Sequential(nn.Linear(255, 64)).eval()
+    with pytest.raises(ValueError, match="even in_features to rotate over, got 255 of layer '0'"):
+        quant.quantize_(copy.deepcopy(model), quant.Recipe(method="dynamic", rotation=128))
     assert not quant.quantized_layers(model)
 
 
@@ -269,7 +275,7 @@ def test_single_smoothing_vectors_differ_by_statistic(dit_and_stats):
 def test_save_load_is_bit_identical_for_every_option(dit_and_stats, option, tmp_path):
     dit, stats = dit_and_stats
     recipe = quant.Recipe(name=option, w_bits=4 if "lora" in option else 8,
-                          **in_tiny_dit({**OPTIONS, **GROUPED_OPTIONS}[option]))
+                          **{**OPTIONS, **GROUPED_OPTIONS}[option])
     q = quantized(dit, recipe, stats)
     quant.save(q, recipe, tmp_path / "q.safetensors")
     fresh = tiny_dit(seed=9)
@@ -331,7 +337,7 @@ def test_format_1_statistics_load_with_maxima_only(dit_and_stats, tmp_path):
 @pytest.mark.parametrize("option", list(OPTIONS) + list(GROUPED_OPTIONS))
 def test_every_option_quantizes_a_meta_device_model_from_placeholder_stats(option):
     dit = tiny_dit().to("meta")
-    recipe = quant.Recipe(**in_tiny_dit({**OPTIONS, **GROUPED_OPTIONS}[option]))
+    recipe = quant.Recipe(**{**OPTIONS, **GROUPED_OPTIONS}[option])
     quant.quantize_(dit, recipe, quant.CalibrationStats.placeholder(dit, 4))
     layers = quant.quantized_layers(dit)
     assert layers and all(layer.qweight.shape[0] == recipe.weight_copies for layer in layers.values())

@@ -70,6 +70,20 @@ def test_timestep_groups_switch_the_prepared_copy(each_profile, method):
 
 
 @pytest.mark.skipif(len(KERNELS) < 2, reason="the oneDNN int8 ops are not in this torch")
+def test_onednn_products_are_exact_on_full_range_codes():
+    """uint8 codes up to 255 times weights up to +-127, the pairs AVX2's vpmaddubsw would saturate: where the CPU
+    lacks VNNI the codes go in as two halves, and the halves alone are exact on every CPU."""
+    torch.manual_seed(0)
+    a = torch.randint(-127, 128, (48, 512), dtype=torch.int8)
+    b = torch.randint(-127, 128, (80, 512), dtype=torch.int8)
+    weight = kernels.PreparedWeight(b, torch.ones(80), "onednn", owns_codes=False)
+    expected = torch._int_mm(a, b.t()).float()  # |sum| < 512 x 127^2 < 2^24: exact in float32
+    codes_u8 = (a.to(torch.int16) + 128).to(torch.uint8)
+    assert torch.equal(kernels._qlinear(codes_u8, 1.0, weight, None), expected)
+    assert torch.equal(kernels._qlinear(codes_u8, 1.0, weight, None, split=True), expected)
+
+
+@pytest.mark.skipif(len(KERNELS) < 2, reason="the oneDNN int8 ops are not in this torch")
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("w_bits", [8, 4])
 def test_onednn_and_int_mm_agree(use_kernel, method, w_bits):
@@ -185,15 +199,22 @@ def test_tiny_dit_integer_matches_simulated_and_save_load_is_bit_identical(each_
 def test_activation_quantizers_give_the_reference_codes():
     x = outlier_input(seed=7)
     x[5] = 0.0  # an all-zero token
+    x[7] = 0.0
+    x[7, :6] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -126.5]) / 16  # scale 1/16: exact ties
     codes, scale = kernels.quantize_per_token(x, 8)
+    assert codes[7, :6].tolist() == [127, 0, 2, 2, 0, -126]
     assert torch.equal(scale, per_token_scale(x, 8))
     assert torch.equal(codes, quantize(x, per_token_scale(x, 8), 8))
     codes_u8, _ = kernels.quantize_per_token(x, 8, unsigned=True)
     assert codes_u8.dtype == torch.uint8 and torch.equal(codes_u8.int() - 128, codes.int())
-    static = torch.tensor(0.05)
+    static = torch.tensor(2.0 ** -4)  # a power of two: the ties below are exact
+    x[6, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 126.5, -127.5, 300.0]) * static  # ties and a clipped value
     ref = quantize(x, static, 8)
+    assert ref[6, :8].tolist() == [0, 2, 2, 0, -2, 126, -127, 127]  # ties to even, as torch.round
     assert torch.equal(kernels.quantize_per_tensor(x, static, 8), ref)
     assert torch.equal(kernels.quantize_per_tensor(x, static, 8, unsigned=True).int() - 128, ref.int())
+    x16 = x.bfloat16()  # a bf16 model's activation: the codes of its float32 values
+    assert torch.equal(kernels.quantize_per_token(x16, 8)[0], quantize(x16, per_token_scale(x16, 8), 8))
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 13, 7), (16, 16, 8), (17, 8, 9), (40, 1536, 6144 + 3), (3, 64, 64)])

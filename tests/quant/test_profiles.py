@@ -11,6 +11,7 @@ from quant.lowrank import LowRankBranch
 # weight-only layers, bf16 low-rank branches and training steps compute float32 inputs in)
 EXPECTED = {
     "generic": ("int_mm", ("resident",), torch.float32),
+    "avx2": ("onednn", ("resident",), torch.float32),
     "vnni": ("onednn", ("resident",), torch.float32),
     "vnni-bf16": ("onednn", ("resident", "packed"), torch.bfloat16),
     "amx": ("onednn", ("resident", "packed"), torch.bfloat16),
@@ -27,7 +28,7 @@ def test_each_profile_selects_its_kernels_and_dtypes(use_profile, name):
     use_profile(name)
     profile = kernels.cpu_profile()
     assert (profile.name, profile.forced) == (name, True)
-    assert (profile.vnni, profile.native_bf16, profile.amx) == kernels.PROFILES[name]
+    assert (profile.avx2, profile.vnni, profile.native_bf16, profile.amx) == kernels.PROFILES[name]
     assert kernels.choose_kernel("cpu") == (int8_kernel if kernels.onednn_available() else "int_mm")
     assert kernels.weight_only_candidates("cpu") == candidates
     for bits in (8, 4):
@@ -80,8 +81,9 @@ def test_the_detected_profile_is_torchs_feature_checks():
     amx = torch.cpu._is_amx_tile_supported()
     assert detected.amx == amx and not detected.forced
     assert detected.vnni == (torch.cpu._is_vnni_supported() or amx)
+    assert detected.avx2 == (torch.cpu._is_avx2_supported() or detected.vnni)
     assert detected.native_bf16 == (torch.cpu._is_avx512_bf16_supported() or amx)
-    flags = (detected.vnni, detected.native_bf16, detected.amx)
+    flags = (detected.avx2, detected.vnni, detected.native_bf16, detected.amx)
     assert kernels.PROFILES.get(detected.name, flags) == flags  # named after the profile with its features
     assert detected.describe() == f"{detected.name}, detected"
 
