@@ -49,7 +49,7 @@ gpu-check: venv
 train: venv
 	$(VENV)/bin/ptq-train $(ARGS)
 
-# Stable Audio Open at real scale on a random-weight model of its architecture (~18 min, 9.2 GiB): docs/sao.md
+# Stable Audio Open at real scale on a random-weight model of its architecture (~20 min on a quiet machine, 10 GiB): docs/sao.md
 sao-check: venv
 	$(PY) scripts/sao_check.py $(ARGS)
 

@@ -171,12 +171,14 @@ def generate_clip(model: torch.nn.Module, loaded: LoadedModel, request: Generati
                              negative_prompt=request.negative_prompt, seed=request.seed,
                              sample_size=loaded.sample_length(request.seconds), return_latents=True,
                              callback=lambda info: denoised.append(info["denoised"].detach().float().cpu()))
+        if latents.is_cuda:  # kernels run asynchronously: the sampling is done when they are
+            torch.cuda.synchronize(latents.device)
         seconds_taken = time.perf_counter() - start
     start = time.perf_counter()
     audio = sat.decoder(model)(latents)
     decode_seconds = time.perf_counter() - start
     samples = round(request.seconds * loaded.sample_rate)
-    return Clip(audio=audio[0, :, :samples].numpy(), seconds_taken=seconds_taken, denoised=denoised, trace=trace,
+    return Clip(audio=audio[0, :, :samples].float().cpu().numpy(), seconds_taken=seconds_taken, denoised=denoised, trace=trace,
                 decode_seconds=decode_seconds)
 
 

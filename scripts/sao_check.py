@@ -35,7 +35,8 @@ REQUEST = dict(prompt="soft sine tone at A4", negative="", seconds=3.0, steps=8,
 TARGET_APP_PEAK_GIB = 8.0  # FP model (4.5 GiB) + quantized DiTs within APP_QUANTIZED_MEMORY_GIB + working set
 APP_QUANTIZED_MEMORY_GIB = 1.5  # the app's budget for quantized models (LAB_QUANTIZED_MEMORY_GIB): one W8A8 DiT
 TARGET_QUANTIZED_OVER_FP = 0.45  # a comparison's quantized clip time over its full-precision one (a figure, not a check)
-SUMMARY_TIMES = re.compile(r"\*\*Full precision:\*\* ([\d.]+) s .*\*\*Quantized\*\* .*: ([\d.]+) s")
+SUMMARY_TIMES = re.compile(r"\*\*Full precision:\*\* ([\d.]+) s .*?\*\*Quantized\*\* .*?: ([\d.]+) s"
+                           r"(?: \(sampling; each clip's shared autoencoder decode: ([\d.]+) s / ([\d.]+) s\))?")
 TARGET_CALIBRATION_EXTRA_GIB = 2.0  # calibration's peak RSS above the FP model's bytes
 GIB = 2**30
 
@@ -94,13 +95,14 @@ def free_port() -> int:
 
 
 def clip_times(summary: str) -> dict:
-    """Both clips' sampling seconds from a comparison's summary, and their ratio."""
+    """Both clips' sampling seconds from a comparison's summary, their ratio, and each clip's decode seconds."""
     match = SUMMARY_TIMES.search(summary)
     if match is None:
         return {}
-    full_precision, quantized = (float(value) for value in match.groups())
-    return {"full_precision_s": full_precision, "quantized_s": quantized,
-            "quantized_over_full_precision": round(quantized / full_precision, 3)}
+    full_precision, quantized, *decode = (None if value is None else float(value) for value in match.groups())
+    times = {"full_precision_s": full_precision, "quantized_s": quantized,
+             "quantized_over_full_precision": round(quantized / full_precision, 3)}
+    return {**times, "decode_s": decode} if None not in decode else times
 
 
 def app_step(model_args: list[str], quantized: Path, out: Path, limit_gib: float) -> dict:
