@@ -118,7 +118,7 @@ class LayerTrace:
         time): `torch.histc` on the uniform log10 bins, cheaper than np.histogram's search over the edges."""
         x = x.detach().float().abs().reshape(-1, x.shape[-1])  # (tokens, in_features)
         low, high = float(LOG_ABS_EDGES[0]), float(LOG_ABS_EDGES[-1])
-        logs = torch.log10(x.clamp_min(10.0 ** low)).clamp_max_(high)
+        logs = torch.log10(x.clamp_min(10.0 ** low)).clamp_(low, high)  # histc drops what falls outside
         counts = torch.histc(logs, bins=len(LOG_ABS_EDGES) - 1, min=low, max=high)
         self.timesteps.append(float(t))
         self.log_abs_hist.append((counts / max(1, logs.numel())).cpu().numpy())
@@ -178,8 +178,8 @@ def generate_clip(model: torch.nn.Module, loaded: LoadedModel, request: Generati
     audio = sat.decoder(model)(latents)
     decode_seconds = time.perf_counter() - start
     samples = round(request.seconds * loaded.sample_rate)
-    return Clip(audio=audio[0, :, :samples].float().cpu().numpy(), seconds_taken=seconds_taken, denoised=denoised, trace=trace,
-                decode_seconds=decode_seconds)
+    return Clip(audio=audio[0, :, :samples].float().cpu().numpy(), seconds_taken=seconds_taken,
+                denoised=denoised, trace=trace, decode_seconds=decode_seconds)
 
 
 def generate_pair(loaded: LoadedModel, quantized_model: torch.nn.Module, request: GenerationRequest, *,

@@ -56,10 +56,6 @@ def _objective(error: torch.Tensor, f: torch.Tensor, d: float) -> torch.Tensor:
     return (error @ f).pow(2).sum() + d * error.pow(2).sum()
 
 
-def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
-    return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
-
-
 def _inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
     h = h.clamp(0.01, 0.99)
     return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1.0)
