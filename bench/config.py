@@ -23,7 +23,7 @@ PAPER_RECIPES = tuple(quant.preset_name(w, 8, method, lora) for w in (8, 4) for 
 # per-group-copy SQD that the single-copy "sqd" presets replace, and 4-bit weights in progressive groups.
 OPTION_RECIPES = ("w8a8-static-mse", "w8a8-static-rot", "w8a8-dynamic-rot", "w8a8-sqd-pergroup",
                   "w8a8-sqd-pergroup+lora", "w4a8-static-rot", "w4a8-dynamic-rot+lora", "w4a8-sqd-pergroup",
-                  "w4a8-sqd-pergroup+lora", "w4a8-dynamic-gptq+lora", "w4a16-gptq", "w4a8-dynamic-gptq-g32")
+                  "w4a8-sqd-pergroup+lora", "w4a8-dynamic-gptq+lora", "w4a16-gptq", "w4a8-dynamic-gptq-g8")
 BENCH_RECIPES = PAPER_RECIPES + OPTION_RECIPES
 QUICK_RECIPES = ("w8a8-static", "w8a8-dynamic", "w8a8-sqd+lora", "w4a8-static", "w4a8-dynamic", "w4a8-sqd+lora",
                  "w4a16", "w8a8-static-rot")

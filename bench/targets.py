@@ -13,6 +13,9 @@ import math
 
 from bench.config import METHODS
 
+STATIC_PRESET = "w8a8-static-rot"       # the static W8A8 preset the held-out targets name
+W4A8_PRESET = "w4a8-dynamic-gptq-g8"    # the 4-bit preset within 0.15x the fp32 bytes
+
 
 def row_seconds(rows: dict, name: str) -> float | None:
     """Seconds of one DiT forward of row `name`: float rows' float time, recipes' integer-backend time (at the fp32
@@ -153,6 +156,20 @@ def check_targets(rows: dict[str, dict]) -> list[dict]:
             add(f"SNR vs FP, W8A8 {method}{lora} (dB)", value(f"w8a8-{method}{lora}", "fidelity", "snr_db"), ">=", 25.0)
     sqd, static4 = value("w4a8-sqd+lora", "fidelity", "snr_db"), value("w4a8-static", "fidelity", "snr_db")
     add("SNR of W4A8 sqd+lora minus W4A8 static (dB)", None if None in (sqd, static4) else sqd - static4, ">=", 6.0)
+    # the held-out prompts' targets (docs/fidelity.md): the rotated static preset, the 4-bit preset within 0.15x
+    add("SNR vs FP, W8A8 static-rot (dB)", value(STATIC_PRESET, "fidelity", "snr_db"), ">=", 25.0)
+    add("calibration-like minus held-out SNR, W8A8 static-rot (dB)",
+        value(STATIC_PRESET, "fidelity", "held_out_gap_db"), "<=", 3.0)
+    w4 = value(W4A8_PRESET, "fidelity", "snr_db")
+    add(f"SNR vs FP, {W4A8_PRESET} (dB)", w4, ">=", 20.0)
+    add(f"memory at SAO shape, {W4A8_PRESET} (linear bytes x fp32)",
+        value(W4A8_PRESET, "memory_sao", "linear_ratio_fp32"), "<=", 0.15)
+    add(f"SNR of {W4A8_PRESET} minus W4A8 static (dB)", None if None in (w4, static4) else w4 - static4, ">=", 6.0)
+    add(f"{W4A8_PRESET} time / W8A8 dynamic time (integer)",
+        ratio(seconds(W4A8_PRESET), seconds("w8a8-dynamic")), "<=", 1.1)
+    for method in ("dynamic", "sqd"):
+        add(f"worst caption family, W8A8 {method} (dB)", value(f"w8a8-{method}", "fidelity", "worst_family_snr_db"),
+            ">=", 15.0)
     for method in METHODS:
         for lora in ("", "+lora"):
             delta = value(f"w8a8-{method}{lora}", "fidelity", "adherence_delta")

@@ -25,6 +25,13 @@ CALIBRATION_PROMPTS = 4  # prompts, spread evenly over the prompt file
 CALIBRATION_STEPS = 25  # sampler steps per prompt (the model's own steps when fewer)
 CALIBRATION_TOKENS = 64  # clip length cap in DiT tokens (the model's clip when shorter)
 CALIBRATION_BATCH = 4  # prompts per sampler call
+# Token rows kept per layer and timestep (`quant.calibrate(sample_rows=...)`): as many as fit in
+# CALIBRATION_ROW_BYTES, between quant's default and CALIBRATION_MAX_ROWS. GPTQ's input statistics H need more
+# rows than a layer has inputs or it fits the calibration rows too closely: on the demo model 128 rows per step
+# instead of 8 raise 4-bit GPTQ recipes by ~1 dB on held-out prompts (docs/fidelity.md), while SAO (~350 k input
+# channels in all) stays near 8 rows and its calibration peak under 6.5 GiB.
+CALIBRATION_ROW_BYTES = 200 * 2**20
+CALIBRATION_MAX_ROWS = 128
 
 
 def spread(items: list[str], count: int) -> list[str]:
@@ -69,6 +76,13 @@ class CalibrationPlan:
         """Forwards x prompts per forward: what calibration costs, in DiT forwards of one prompt."""
         return len(self.prompts) * sat.dit_forwards(self.sampling.sampler_type, self.sampling.steps)
 
+    def sample_rows(self, model: torch.nn.Module) -> int:
+        """Rows kept per layer and timestep for `model` under this plan (see CALIBRATION_ROW_BYTES)."""
+        widths = sum(layer.in_features for layer in quant.linear_layers(quant.find_dit(model)).values())
+        timesteps = sat.dit_forwards(self.sampling.sampler_type, self.sampling.steps)
+        fit = CALIBRATION_ROW_BYTES // (2 * widths * timesteps)  # bfloat16 rows
+        return int(min(CALIBRATION_MAX_ROWS, max(quant.SAMPLE_ROWS, fit)))
+
     def describe(self) -> str:
         return (f"{len(self.prompts)} prompts x {self.sampling.steps} steps of {self.seconds:.4g} s audio "
                 f"({self.forwards} DiT forwards)")
@@ -86,11 +100,12 @@ class CalibrationPlan:
                 sat.sample(model, list(self.prompts[start:start + self.batch]), settings=self.sampling, seed=start,
                            seconds=self.seconds, sample_size=loaded.sample_length(self.seconds), return_latents=True)
 
+        rows = self.sample_rows(model)
         stats = quant.calibrate(model, sample_every_batch, progress=progress, total=self.forwards,
-                                description=f"calibrating: {self.describe()}")
+                                description=f"calibrating: {self.describe()}", sample_rows=rows)
         stats.meta = {"model": loaded.model_id, "prompts": list(self.prompts), "steps": self.sampling.steps,
                       "seconds": self.seconds, "cfg_scale": self.sampling.cfg_scale,
-                      "sampler": self.sampling.sampler_type, "batch": self.batch}
+                      "sampler": self.sampling.sampler_type, "batch": self.batch, "sample_rows": rows}
         return stats
 
 

@@ -13,12 +13,12 @@ from .linear import QuantLinear
 from .lowrank import LowRankBranch
 from .memory import MemoryReport, memory_report
 from .model import find_dit, linear_layers
-from .observers import CalibrationStats, calibrate
+from .observers import SAMPLE_ROWS, CalibrationStats, calibrate
 from .recipes import ACTIVATION_METHODS, DEFAULT_SKIP, PRESETS, Recipe, get_recipe, preset_name
 from .timestep import TimestepTracker
 
 __all__ = [
-    "ACTIVATION_METHODS", "CalibrationStats", "CpuProfile", "DEFAULT_SKIP", "LowRankBranch", "MemoryReport", "PRESETS",
+    "ACTIVATION_METHODS", "SAMPLE_ROWS", "CalibrationStats", "CpuProfile", "DEFAULT_SKIP", "LowRankBranch", "MemoryReport", "PRESETS",
     "QuantLinear", "Recipe", "TimestepTracker", "calibrate", "cpu_profile", "find_dit", "get_recipe", "linear_layers",
     "load", "memory_report", "quantization_targets", "quantize_", "preset_name", "quantized_layers", "read_recipe",
     "save", "set_cpu_profile", "using_cpu_profile",

@@ -15,21 +15,19 @@ off for the first WARMUP of the schedule, then with beta annealed from 20 to 2, 
 The hard rounding (h >= 1/2) is scored every CHECK_EVERY iterations and the best one is returned, the initial
 codes included: the result never has a higher objective than its initialisation.
 
-Budget per layer: `ADAROUND_ITERATIONS` iterations or `ADAROUND_SECONDS` of wall clock, whichever ends first.
-The clock is read once, over the first CHECK_EVERY iterations (inside the warm-up), and sets the iteration count
-the schedule (warm-up, annealing) runs on: a layer cut short by the clock still anneals to hard codes, and the
-codes are reproducible wherever the iteration count binds first. A layer still running past the budget (the machine
-slowed down) stops with the best hard rounding so far.
+Budget per layer: `ADAROUND_ITERATIONS` iterations or `ADAROUND_WORK` multiply-adds, whichever ends first (the
+count follows from the layer's shape and H's rank, not from a clock: the same codes on every machine and load). The
+schedule (warm-up, annealing) runs over that count, so a layer cut short by the work budget still anneals to hard
+codes.
 """
-import time
-
 import torch
 
 from .gptq import GPTQ_DAMP, gptq_codes
 from .primitives import qmax, quantize
 
 ADAROUND_ITERATIONS = 500  # per layer
-ADAROUND_SECONDS = 20.0    # wall clock per layer: a model's quantization stays under ~20 s x its layers
+ADAROUND_WORK = 2e12       # multiply-adds per layer: every demo-model layer runs its 500 iterations; SAO's
+                           # (H's rank <= its ~275 calibration rows) 190-500
 ADAROUND_DAMP = GPTQ_DAMP  # H's dampening in the objective and in the GPTQ codes it starts from
 ADAROUND_LR = 0.05         # Adam's step on V
 ZETA, GAMMA = 1.1, -0.1    # the rectified sigmoid's stretch (the paper's values)
@@ -63,46 +61,42 @@ def _inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
 
 def adaround_codes(w: torch.Tensor, step: torch.Tensor, bits: int, hessian: torch.Tensor,
                    init: torch.Tensor | str = "gptq", damp: float = GPTQ_DAMP,
-                   iterations: int | None = None, seconds: float | None = None) -> torch.Tensor:
+                   iterations: int | None = None, work: float | None = None,
+                   lowest: int | None = None) -> torch.Tensor:
     """AdaRound's int8 codes (out, in) of `w` for the float `step` of each weight (broadcasting to (out, in); any
-    format whose value is code x step, like `gptq_codes`). init: "gptq", "nearest", or int8 codes (out, in);
-    iterations / seconds: the budget (None: `ADAROUND_ITERATIONS` / `ADAROUND_SECONDS`, read at the call)."""
+    format whose value is code x step, like `gptq_codes`), in [lowest, qmax] (`primitives.quantize`). init:
+    "gptq", "nearest", or int8 codes (out, in); iterations / work: the budget (None: `ADAROUND_ITERATIONS` /
+    `ADAROUND_WORK`, read at the call)."""
     iterations = ADAROUND_ITERATIONS if iterations is None else iterations
-    seconds = ADAROUND_SECONDS if seconds is None else seconds
+    work = ADAROUND_WORK if work is None else work
     if hessian.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"AdaRound needs a ({w.shape[1]}, {w.shape[1]}) input Hessian, got {tuple(hessian.shape)}")
     if isinstance(init, str):
         if init not in ("gptq", "nearest"):
             raise ValueError(f"AdaRound's init must be 'gptq', 'nearest' or codes, got {init!r}")
-        init = gptq_codes(w, step, bits, hessian, damp) if init == "gptq" else quantize(w, step, bits)
+        init = (gptq_codes(w, step, bits, hessian, damp, lowest=lowest) if init == "gptq"
+                else quantize(w, step, bits, lowest))
     q = qmax(bits)
+    lowest = -q if lowest is None else lowest
     w = w.float()
     step = step.float().expand(w.shape)
     f, d = _factor(hessian.to(w.device), damp)
     start = init.float()
     ratio = w / step
-    low = torch.where(ratio >= start, start, start - 1).clamp(-q, q - 1)  # {low, low + 1} holds the initial code
+    low = torch.where(ratio >= start, start, start - 1).clamp(lowest, q - 1)  # {low, low + 1} holds the start
     v = _inverse_rectified_sigmoid(ratio - low)
     best, best_error = init.clone(), float(_objective(w - start * step, f, d))
     metric = (f, d, max(best_error, 1e-30))
     moments = (torch.zeros_like(v), torch.zeros_like(v))
-    began, total = time.monotonic(), iterations
-    for i in range(iterations):
-        if i == 1:  # the first iteration pays one-time costs: the clock's estimate starts after it
-            began = time.monotonic()
-        if i == CHECK_EVERY + 1 or seconds <= 0:  # the clock sets the count once, early in the warm-up, so the
-            per_iteration = (time.monotonic() - began) / max(i - 1, 1)  # codes are reproducible wherever the
-            total = int(min(iterations, max(i + 1, seconds // max(per_iteration, 1e-9))))  # iteration count binds
+    total = int(min(iterations, work // (4 * w.numel() * f.shape[1] + 1)))  # 4 x out x in x rank per iteration
+    for i in range(total):
         progress = (i + 1) / total
         _adam_step(v, _gradient(v, low, w, step, metric, progress), moments, i + 1)
-        over = time.monotonic() - began > seconds  # the machine slowed down after the estimate: stop anyway
-        if (i + 1) % CHECK_EVERY == 0 or progress >= 1 or over:
+        if (i + 1) % CHECK_EVERY == 0 or progress >= 1:
             codes = low + (v >= 0).float()  # h >= 1/2 exactly where V >= 0 (the stretch is symmetric)
             error = float(_objective(w - codes * step, f, d))
             if error < best_error:
                 best, best_error = codes.to(torch.int8), error
-        if progress >= 1 or over:
-            break
     return best
 
 
@@ -134,9 +128,11 @@ def _adam_step(v: torch.Tensor, grad: torch.Tensor, moments: tuple[torch.Tensor,
     v.addcdiv_(first, denominator, value=-ADAROUND_LR / (1 - betas[0] ** count))
 
 
-def hessian_codes(w: torch.Tensor, step: torch.Tensor, bits: int, hessian: torch.Tensor, rounding: str) -> torch.Tensor:
-    """The codes `rounding` ("gptq" or "adaround", `Recipe.weight_rounding`) chooses for `w` under `hessian`."""
+def hessian_codes(w: torch.Tensor, step: torch.Tensor, bits: int, hessian: torch.Tensor, rounding: str,
+                  lowest: int | None = None) -> torch.Tensor:
+    """The codes in [lowest, qmax] that `rounding` ("gptq" or "adaround", `Recipe.weight_rounding`) chooses for
+    `w` under `hessian`."""
     if rounding == "gptq":
-        return gptq_codes(w, step, bits, hessian)
-    return adaround_codes(w, step, bits, hessian, init=gptq_codes(w, step, bits, hessian, ADAROUND_DAMP),
-                          damp=ADAROUND_DAMP)
+        return gptq_codes(w, step, bits, hessian, lowest=lowest)
+    return adaround_codes(w, step, bits, hessian, init=gptq_codes(w, step, bits, hessian, ADAROUND_DAMP, lowest=lowest),
+                          damp=ADAROUND_DAMP, lowest=lowest)

@@ -173,7 +173,9 @@ def load(model: nn.Module, path, *, recipe: Recipe | str | None = None) -> Recip
     except RuntimeError as error:
         for name, linear in targets.items():  # put the float layers back: the model stays usable
             replace_module(root, name, linear)
-        raise ValueError(f"{path} does not fit this model: {error}") from None
+        hint = (" (progressive group scales are read packed two per byte, 1..15; a file with one byte per scale "
+                "must be quantized again)" if "weight_group_scale" in str(error) else "")
+        raise ValueError(f"{path} does not fit this model: {error}{hint}") from None
     if file_recipe.attention == "int8":
         quantize_attention_(root, file_recipe.backend)
     return file_recipe

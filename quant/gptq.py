@@ -16,7 +16,7 @@ the dampening `GPTQ_DAMP` x mean(diag H) added to its diagonal keeps it invertib
 """
 import torch
 
-from .primitives import expand_group_scale, quantize, weight_scale
+from .primitives import quantize
 
 GPTQ_DAMP = 0.1  # of the mean diagonal of H; 0.1 beat 0.01 on the demo model (docs/fidelity.md)
 GPTQ_BLOCK = 128  # columns rounded before the rest of the weight is updated (speed only: same result)
@@ -28,18 +28,11 @@ def hessian_from_rows(rows: torch.Tensor) -> torch.Tensor:
     return x.t() @ x / max(1, x.shape[0])
 
 
-def gptq_quantize_weight(w: torch.Tensor, bits: int, hessian: torch.Tensor, group_size: int | None = None,
-                         damp: float = GPTQ_DAMP, block: int = GPTQ_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and scale of `w` (out, in) as `primitives.quantize_weight` returns them (same scale, same format),
-    with the codes chosen by GPTQ under `hessian` (in, in) instead of round-to-nearest."""
-    scale = weight_scale(w.float(), bits, group_size)
-    return gptq_codes(w, expand_group_scale(scale, w.shape[1]), bits, hessian, damp, block), scale
-
-
 def gptq_codes(w: torch.Tensor, step: torch.Tensor, bits: int, hessian: torch.Tensor, damp: float = GPTQ_DAMP,
-               block: int = GPTQ_BLOCK) -> torch.Tensor:
+               block: int = GPTQ_BLOCK, lowest: int | None = None) -> torch.Tensor:
     """GPTQ's int8 codes (out, in) of `w` for the float `step` of each weight (broadcasting to (out, in)): any
-    format whose value is code x step (per channel, per group, progressive groups)."""
+    format whose value is code x step (per channel, per group, progressive groups); codes in [lowest, qmax]
+    (`primitives.quantize`)."""
     if hessian.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"GPTQ needs a ({w.shape[1]}, {w.shape[1]}) input Hessian, got {tuple(hessian.shape)}")
     device = w.device
@@ -58,7 +51,7 @@ def gptq_codes(w: torch.Tensor, step: torch.Tensor, bits: int, hessian: torch.Te
         h_chunk = h_inv[start:end, start:end]
         for i in range(end - start):
             s = column_scale[:, start + i]
-            codes[:, start + i] = quantize(chunk[:, i], s, bits)  # round-to-nearest of the updated column
+            codes[:, start + i] = quantize(chunk[:, i], s, bits, lowest)  # round-to-nearest of the updated column
             error = (chunk[:, i] - codes[:, start + i].double() * s) / h_chunk[i, i]
             chunk[:, i:] -= error[:, None] * h_chunk[i, i:][None, :]
             errors[:, i] = error

@@ -4,8 +4,9 @@ Both backends hold the same buffers (so memory and files do not depend on the ba
   qweight        int8 (C, out, in), or uint8 (C, out, in/2) for int4 (two codes per byte);
                  float (C, out, in) when w_bits=16
   weight_scale   float32 (C, out, S): S=1 per output channel, S=in/group_size per group
-  weight_group_scale uint8 (C, out, in/group_size): integer group scales of progressive groups (else None);
-                 the GEMM's int8 codes are then q4 x g and weight_scale is per output channel
+  weight_group_scale uint8 (C, out, ceil(in/group_size/2)): integer group scales of progressive groups, 1..15,
+                 two per byte (else None); the GEMM's int8 codes are then q4 x g and weight_scale is per output
+                 channel
   smooth         float32 (C, in)   SmoothQuant divisors, one row per weight copy (smoothquant, sqd)
   act_scale      float32 (G,)      calibrated per-tensor activation scale (static, smoothquant)
   timestep_boundaries float32 (G-1,) group edges in t
@@ -47,11 +48,13 @@ from .lowrank import LowRankBranch, fit_low_rank, random_low_rank
 from .observers import LayerCalibration
 from .plan import plan_layer
 from .primitives import (
+    PROGRESSIVE_LOWEST,
     dequantize_weight,
     expand_group_scale,
     fake_quant,
     fake_quant_weight,
     pack_int4,
+    pack_uint4,
     per_token_scale,
     progressive_codes,
     progressive_scales,
@@ -59,6 +62,7 @@ from .primitives import (
     quantize,
     quantize_weight,
     unpack_int4,
+    unpack_uint4,
     weight_scale,
 )
 from .recipes import Recipe
@@ -105,7 +109,7 @@ class QuantLinear(nn.Module):
             groups_per_row = 1 if recipe.group_size is None else in_features // recipe.group_size
             scales_per_row = 1 if recipe.progressive_groups else groups_per_row
             self.register_buffer("weight_scale", torch.ones(copies, out_features, scales_per_row, **kwargs))
-            self.register_buffer("weight_group_scale", torch.ones(copies, out_features, groups_per_row,
+            self.register_buffer("weight_group_scale", torch.full((copies, out_features, (groups_per_row + 1) // 2), 0x11,
                                  dtype=torch.uint8, **kwargs) if recipe.progressive_groups else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kwargs) if bias else None)
         self.register_buffer("smooth", torch.ones(copies, in_features, **kwargs) if recipe.smooths else None)
@@ -183,9 +187,9 @@ class QuantLinear(nn.Module):
         if recipe.progressive_groups:  # 4-bit codes under the integer group scales, stored with them
             scale, group_scale = progressive_scales(w, recipe.group_size)
             step = progressive_step(group_scale, scale, w.shape[1])
-            codes = quantize(w, step, 4) if hessian is None else hessian_codes(w, step, 4, hessian,
-                                                                               recipe.weight_rounding)
-            self.weight_group_scale[copy_index] = group_scale
+            codes = (quantize(w, step, 4, PROGRESSIVE_LOWEST) if hessian is None
+                     else hessian_codes(w, step, 4, hessian, recipe.weight_rounding, PROGRESSIVE_LOWEST))
+            self.weight_group_scale[copy_index] = pack_uint4(F.pad(group_scale, (0, group_scale.shape[-1] % 2)))
             codes = progressive_codes(codes, group_scale)
         elif hessian is not None:
             scale = weight_scale(w.float(), recipe.w_bits, recipe.group_size)
@@ -302,7 +306,7 @@ class QuantLinear(nn.Module):
 
     def weight_codes(self, copy_index: int = 0) -> torch.Tensor:
         """The int8 codes (out, in) the GEMM multiplies, of one copy: the stored codes, int4 unpacked, and with
-        progressive groups times their integer group scales (q4 x g, |q4 x g| <= 126). The one conversion from
+        progressive groups times their integer group scales (q4 x g, |q4 x g| <= 120). The one conversion from
         stored codes to the kernel's; `_stored_form` is its inverse."""
         if self._released:
             return self._prepared[2].int8_codes()
@@ -310,13 +314,18 @@ class QuantLinear(nn.Module):
         if self.recipe.w_bits != 4:
             return codes
         codes = unpack_int4(codes)
-        return codes if self.weight_group_scale is None else progressive_codes(codes, self.weight_group_scale[copy_index])
+        return codes if self.weight_group_scale is None else progressive_codes(codes, self._group_scale(copy_index))
+
+    def _group_scale(self, copy_index: int) -> torch.Tensor:
+        """Progressive groups' integer scales of one copy, unpacked: uint8 (out, in / group_size) (an odd count
+        is packed with one padding nibble)."""
+        return unpack_uint4(self.weight_group_scale[copy_index])[..., :self.in_features // self.recipe.group_size]
 
     def _stored_form(self, codes: torch.Tensor, copy_index: int = 0) -> torch.Tensor:
         """int8 codes (out, in) -> the stored qweight form (the inverse of `weight_codes`): progressive groups'
         codes are divided back by their integer group scales (exactly: they are multiples of them)."""
         if self.weight_group_scale is not None:
-            group_scale = expand_group_scale(self.weight_group_scale[copy_index], codes.shape[-1]).to(torch.int8)
+            group_scale = expand_group_scale(self._group_scale(copy_index), codes.shape[-1]).to(torch.int8)
             codes = torch.div(codes, group_scale, rounding_mode="trunc")
         return pack_int4(codes) if self.recipe.w_bits == 4 else codes
 

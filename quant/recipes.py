@@ -89,7 +89,7 @@ class Recipe:
         weight_groups: how group scales are held (with group_size): "float" (a float scale per group) or
             "progressive" (QServe's two levels, 4-bit weights with activation quantization only: a small integer
             scale per group and one float scale per output channel; the int8 GEMM multiplies the codes
-            q4 x g, |q4 x g| <= 126, and rescales per channel, so the integer backend keeps its one matmul).
+            q4 x g, |q4 x g| <= 120, and rescales per channel, so the integer backend keeps its one matmul).
         memory_budget: None, or a fraction of the fp32 bytes of the layers the recipe quantizes (4-bit weights
             only): the layers whose 4-bit weights cost the most output error on their calibration sample rows per
             extra byte at 8 bits are kept at 8 bits (per output channel) while the whole stays within the budget
@@ -345,12 +345,14 @@ VARIANT_PRESETS = {
     ("sqd", "gptq"): dict(METHOD_PRESETS["sqd"], weight_rounding="gptq"),
     ("weight-only", "gptq"): dict(weight_rounding="gptq"),
 }
-PROGRESSIVE_GROUP_SIZE = 32  # input channels per integer group scale: 1 byte per 32 weights (+0.008x fp32 bytes)
+PROGRESSIVE_GROUP_SIZE = 8  # input channels per integer group scale (4 bits: +0.016x fp32 bytes, 0.149x in all at
+#                             SAO's shape): the smallest group within 0.15x; calibration-like prompts rank 8 > 16 > 32
+#                             (docs/fidelity.md)
 # 4-bit variants (W4A8 only, no low-rank branch: on the demo model it adds nothing to them and would take the
 # memory past 0.15x fp32): progressive groups, the integer path's group-wise 4-bit weights, rounded by GPTQ.
 W4_VARIANT_PRESETS = {
-    ("dynamic", "gptq-g32"): dict(group_size=PROGRESSIVE_GROUP_SIZE, weight_groups="progressive",
-                                  weight_rounding="gptq"),
+    ("dynamic", "gptq-g8"): dict(group_size=PROGRESSIVE_GROUP_SIZE, weight_groups="progressive",
+                                 weight_rounding="gptq"),
 }
 
 

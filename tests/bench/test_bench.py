@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import quant
 from bench import external, fidelity, run, sampling, shape, targets, torchao
 from bench.config import QUICK_DIT as QUICK_SHAPE
 from bench.random_models import random_dit
@@ -63,6 +64,23 @@ def test_check_targets_compares_each_value_with_its_threshold():
     targets.add_speedups(rows)
     assert rows["w8a8-static"]["speed"]["integer_x_fp32"] == 4.0 and rows["w8a8-static"]["speed"]["x_bf16"] == 1.0
     assert rows["w8a8-static"]["speed"]["x_fastest_float"] == 1.0 and rows["fp32"]["speed"]["x_fastest_float"] == 0.25
+
+
+def test_held_out_targets_read_the_presets_they_name():
+    rows = {"w4a8-static": {"fidelity": {"snr_db": 3.0}},
+            targets.STATIC_PRESET: {"fidelity": {"snr_db": 26.0, "held_out_gap_db": 3.5}},
+            targets.W4A8_PRESET: {"fidelity": {"snr_db": 20.5}, "memory_sao": {"linear_ratio_fp32": 0.149},
+                                  "speed": {"integer_s": 2.1}},
+            "w8a8-dynamic": {"fidelity": {"snr_db": 30.0, "worst_family_snr_db": 14.0}, "speed": {"integer_s": 2.0}}}
+    checked = targets.check_targets(rows)
+    assert _target(checked, "SNR vs FP, W8A8 static-rot (dB)")["result"] == "pass"
+    assert _target(checked, "calibration-like minus held-out SNR, W8A8 static-rot (dB)")["result"] == "miss"
+    assert _target(checked, f"SNR of {targets.W4A8_PRESET} minus W4A8 static (dB)")["value"] == 17.5
+    assert _target(checked, f"memory at SAO shape, {targets.W4A8_PRESET} (linear bytes x fp32)")["result"] == "pass"
+    assert _target(checked, f"{targets.W4A8_PRESET} time / W8A8 dynamic time (integer)")["value"] == pytest.approx(1.05)
+    assert _target(checked, "worst caption family, W8A8 dynamic (dB)")["result"] == "miss"
+    assert _target(checked, "worst caption family, W8A8 sqd (dB)")["result"] == "not measured"
+    assert targets.W4A8_PRESET in quant.PRESETS and targets.STATIC_PRESET in quant.PRESETS
 
 
 def test_rows_timed_alongside_fp32_are_read_at_the_fp32_rows_pace():

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import quant
-from lab import sat
-from lab.calibration import spread
+from lab import calibration, sat
+from lab.calibration import CalibrationPlan, spread
 from lab.quantize_cli import main
 from lab.quantized import QuantizedModels
 from lab.resources import CALIBRATION_PROMPTS, read_prompts
@@ -38,12 +38,28 @@ def test_presets_lists_every_preset(capsys):
     assert all(name in out for name in quant.PRESETS)
 
 
+def test_sample_rows_fill_the_row_budget_between_quants_default_and_the_cap(model_files, monkeypatch):
+    loaded = load(model_files)
+    plan = CalibrationPlan.default(loaded, ["x"], steps=6)
+    widths = sum(layer.in_features for layer in quant.linear_layers(quant.find_dit(loaded.model)).values())
+    per_row = 2 * widths * sat.dit_forwards(plan.sampling.sampler_type, 6)  # bfloat16, every timestep
+    monkeypatch.setattr(calibration, "CALIBRATION_ROW_BYTES", 20 * per_row)
+    assert plan.sample_rows(loaded.model) == 20
+    monkeypatch.setattr(calibration, "CALIBRATION_ROW_BYTES", per_row)
+    assert plan.sample_rows(loaded.model) == quant.SAMPLE_ROWS  # never fewer than quant's default
+    monkeypatch.setattr(calibration, "CALIBRATION_ROW_BYTES", 10 ** 6 * per_row)
+    assert plan.sample_rows(loaded.model) == calibration.CALIBRATION_MAX_ROWS
+
+
 def test_cli_and_app_files_are_the_same_and_load_in_both(model_files, tmp_path, capsys):
     stats, cli_file = tmp_path / "stats.safetensors", tmp_path / "cli.safetensors"
     main(["calibrate", *model_args(model_files), "--steps", "6", "--out", str(stats)])
     assert "/6" in capsys.readouterr().err  # the progress bar's total: 4 prompts in one batch x 6 steps
     meta = quant.CalibrationStats.load(stats).meta
     assert meta["prompts"] == spread(read_prompts(CALIBRATION_PROMPTS), 4) and meta["steps"] == 6  # the app's plan
+    rows = quant.CalibrationStats.load(stats).samples
+    assert meta["sample_rows"] == calibration.CALIBRATION_MAX_ROWS  # a tiny model: the cap
+    assert max(r.shape[1] for r in rows.values()) == meta["sample_rows"]
     main(["quantize", *model_args(model_files), "--preset", "w8a8-sqd", "--stats-in", str(stats),
           "--out", str(cli_file)])
     assert "x fp32" in capsys.readouterr().out

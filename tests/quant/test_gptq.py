@@ -7,8 +7,17 @@ import torch
 from torch import nn
 
 import quant
-from quant.gptq import gptq_codes, gptq_quantize_weight, hessian_from_rows
-from quant.primitives import dequantize_weight, progressive_quantize_weight, progressive_step, qmax, quantize_weight
+from quant.gptq import gptq_codes, hessian_from_rows
+from quant.primitives import (
+    PROGRESSIVE_LOWEST,
+    dequantize_weight,
+    expand_group_scale,
+    progressive_quantize_weight,
+    progressive_step,
+    qmax,
+    quantize_weight,
+    weight_scale,
+)
 
 
 def correlated_rows(rows=1024, channels=64, seed=0):
@@ -21,6 +30,12 @@ def correlated_rows(rows=1024, channels=64, seed=0):
 
 def weight(out_features=48, in_features=64, seed=1):
     return torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed))
+
+
+def gptq_quantize_weight(w, bits, hessian, group_size=None):
+    """Codes and scale as `quantize_weight` returns them, the codes chosen by GPTQ (what `QuantLinear` stores)."""
+    scale = weight_scale(w, bits, group_size)
+    return gptq_codes(w, expand_group_scale(scale, w.shape[1]), bits, hessian), scale
 
 
 def output_error(x, w, codes, scale):
@@ -42,8 +57,8 @@ def test_gptq_rounds_progressive_groups_under_their_integer_scales():
     held_out = correlated_rows(seed=5)
     codes, group_scale, channel_scale = progressive_quantize_weight(w, 16)
     step = progressive_step(group_scale, channel_scale, w.shape[1])
-    chosen = gptq_codes(w, step, 4, hessian_from_rows(x))
-    assert chosen.abs().max() <= qmax(4)
+    chosen = gptq_codes(w, step, 4, hessian_from_rows(x), lowest=PROGRESSIVE_LOWEST)
+    assert chosen.min() >= PROGRESSIVE_LOWEST and chosen.max() <= qmax(4)
     def error(c):
         return float((held_out @ (w - c.float() * step).t()).pow(2).mean())
     assert error(chosen) < 0.8 * error(codes)

@@ -6,6 +6,7 @@ from quant.primitives import (
     dequantize_weight,
     fake_quant,
     pack_int4,
+    pack_uint4,
     per_group_scale,
     per_tensor_scale,
     per_token_scale,
@@ -13,6 +14,7 @@ from quant.primitives import (
     quantize_weight,
     sqnr,
     unpack_int4,
+    unpack_uint4,
 )
 
 
@@ -33,6 +35,21 @@ def test_int4_pack_round_trips_random_batched():
 def test_int4_pack_rejects_odd_width_or_out_of_range(codes):
     with pytest.raises(ValueError):
         pack_int4(codes)
+
+
+def test_uint4_pack_round_trips_every_value():
+    values = torch.arange(16, dtype=torch.uint8).repeat(2, 2)  # (2, 32): every nibble value, both positions
+    values = values[:, torch.randperm(values.shape[1], generator=torch.Generator().manual_seed(0))]
+    packed = pack_uint4(values)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 16)
+    assert torch.equal(unpack_uint4(packed), values)
+
+
+@pytest.mark.parametrize("values", [torch.zeros(2, 3, dtype=torch.uint8), torch.full((2, 4), 16, dtype=torch.uint8),
+                                    torch.full((2, 4), -1, dtype=torch.int16)])
+def test_uint4_pack_rejects_odd_width_or_out_of_range(values):
+    with pytest.raises(ValueError):
+        pack_uint4(values)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
