@@ -28,8 +28,8 @@ CALIBRATION_BATCH = 4  # prompts per sampler call
 # Token rows kept per layer and timestep (`quant.calibrate(sample_rows=...)`): as many as fit in
 # CALIBRATION_ROW_BYTES, between quant's default and CALIBRATION_MAX_ROWS. GPTQ's input statistics H need more
 # rows than a layer has inputs or it fits the calibration rows too closely: on the demo model 128 rows per step
-# instead of 8 raise 4-bit GPTQ recipes by ~1 dB on held-out prompts (docs/fidelity.md), while SAO (~350 k input
-# channels in all) stays near 8 rows and its calibration peak under 6.5 GiB.
+# instead of 8 raise 4-bit GPTQ recipes by ~1 dB on held-out prompts (docs/fidelity.md), while SAO (~358 k input
+# channels in all, 25 steps) keeps 11 and its calibration peak stays under 6.5 GiB.
 CALIBRATION_ROW_BYTES = 200 * 2**20
 CALIBRATION_MAX_ROWS = 128
 
