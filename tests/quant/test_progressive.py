@@ -77,19 +77,25 @@ RECIPES = {
 @torch.no_grad()
 def test_integer_backend_equals_the_simulated_one_and_files_round_trip(name, tmp_path):
     dit, stats, (x, kwargs) = calibrated_dit()
-    outputs = {}
+    outputs, layers = {}, {}
     for backend in ("simulated", "integer"):
         recipe = quant.Recipe(name=name, backend=backend, **PROGRESSIVE, **RECIPES[name])
         model = quant.quantize_(copy.deepcopy(dit), recipe, stats)
         outputs[backend] = model(x, torch.full((x.shape[0],), 0.5), **kwargs)
+        layers[backend] = quant.quantized_layers(model)
         quant.save(model, recipe, tmp_path / f"{backend}.safetensors")
         fresh = copy.deepcopy(dit)
         assert quant.load(fresh, tmp_path / f"{backend}.safetensors", recipe=recipe) == recipe
         saved, loaded = model.state_dict(), fresh.state_dict()
         assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
         assert torch.equal(fresh(x, torch.full((x.shape[0],), 0.5), **kwargs), outputs[backend])
-    # each layer alone agrees to ~130 dB; through the whole DiT, an activation that float rounding puts on the
-    # other side of a rounding boundary in one backend moves one code by one step, and that propagates
+    rows = torch.randn(16, max(layer.in_features for layer in layers["integer"].values()),
+                       generator=torch.Generator().manual_seed(3))
+    for layer_name, simulated in layers["simulated"].items():  # the same input: the same codes, float rounding apart
+        integer = layers["integer"][layer_name]
+        assert sqnr(simulated(rows[:, :simulated.in_features]), integer(rows[:, :integer.in_features])) > 100
+    # through the whole DiT, an activation that float rounding puts on the other side of a rounding boundary in one
+    # backend moves one code by one step, and that propagates
     assert sqnr(outputs["simulated"], outputs["integer"]) > 50
 
 
