@@ -106,6 +106,23 @@ def test_a_gptq_recipe_quantizes_a_layer_with_less_output_error(lora_rank):
     assert errors["gptq"] < 0.9 * errors["nearest"]
 
 
+@torch.no_grad()
+def test_gptq_fits_too_few_rows_and_holds_with_more_rows_than_inputs():
+    """Why the calibration plan keeps as many rows as its memory budget allows: with fewer rows than inputs GPTQ
+    fits them (worse than round-to-nearest on other rows); with more it is well below both."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128)).eval()
+    x, held_out = correlated_rows(seed=10), correlated_rows(seed=5)
+    def held_out_error(recipe, stats=None):
+        quantized = quant.quantize_(copy.deepcopy(model), recipe, stats)
+        return float((quantized(held_out) - model(held_out)).pow(2).mean())
+    gptq = quant.Recipe(w_bits=4, method="dynamic", weight_rounding="gptq")
+    errors = {rows: held_out_error(gptq, quant.calibrate(model, lambda: model(x), sample_rows=rows, progress=False))
+              for rows in (8, 256)}
+    nearest = held_out_error(quant.Recipe(w_bits=4, method="dynamic"))
+    assert errors[8] > nearest and errors[256] < 0.8 * min(errors[8], nearest)
+
+
 def test_gptq_recipes_need_calibration_rows():
     model = nn.Sequential(nn.Linear(64, 48)).eval()
     recipe = quant.get_recipe("w4a8-dynamic-gptq")
