@@ -4,10 +4,11 @@
 
 One linear layer of each of SAO's three width pairs (K x N: 1536 x 1536, 1536 x 6144, 6144 x 1536) on `--tokens`
 rows (514 = CFG batch 2 x (256 latent tokens + 1 global token)): the float paths (fp32, bf16), every weight-only
-path of `quant.kernels.WeightOnlyWeight`, and the int8 paths (static and dynamic activations, each CPU kernel
-this torch has) with the activation quantizers and dynamic's output rescale alone. All timed interleaved (one call
-of each per round), median milliseconds, so a busy moment on a shared machine slows one round, not one path. Torch
-loads in `main`, after OMP_WAIT_POLICY defaults to PASSIVE (idle threads sleep rather than spin on a shared machine).
+path of `quant.kernels.WeightOnlyWeight`, and the int8 paths (W8A8 with static and dynamic activations, W4A8
+dynamic; each CPU kernel this torch has) with the activation quantizers and dynamic's output rescale alone. All
+timed interleaved (one call of each per round), median milliseconds, so a busy moment on a shared machine slows one
+round, not one path. Torch loads in `main`, after OMP_WAIT_POLICY defaults to PASSIVE (idle threads sleep rather
+than spin on a shared machine).
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ def layer_paths(tokens: int, k: int, n: int) -> dict:
         prepared = kernels.PreparedWeight(codes8, scale8[:, 0], kernel, owns_codes=False)
         paths[f"W8A8 {kernel} static"] = lambda p=prepared: p.linear(x, 8, act_scale, bias)
         paths[f"W8A8 {kernel} dynamic"] = lambda p=prepared: p.linear(x, 8, None, bias)
+        # 4-bit codes in the same int8 GEMM: on AVX2 they cannot saturate, so oneDNN takes them in one pass
+        prepared = kernels.PreparedWeight(codes4, scale4[:, 0], kernel, owns_codes=False)
+        paths[f"W4A8 {kernel} dynamic"] = lambda p=prepared: p.linear(x, 8, None, bias)
     paths["quantize per tensor (static)"] = lambda: kernels.quantize_per_tensor(x, act_scale, 8, unsigned=True)
     paths["quantize per token (dynamic)"] = lambda: kernels.quantize_per_token(x, 8, unsigned=True)
     y, token_scale = torch.randn(tokens, n, generator=g), kernels.quantize_per_token(x, 8)[1]

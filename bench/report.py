@@ -44,13 +44,15 @@ def _int8_limit_lines(rows: dict, machine: dict) -> list[str]:
     limits = int8_limits(rows, profile_name(machine))
     if not limits:
         return []
-    base = limits["base"]
+    base, passes = limits["base"], limits["eight_bit_weight_passes"]
+    eight_bit = (f" Exact products of 8-bit weights take {passes} passes of the int8 GEMM on this kind (4-bit weights "
+                 f"one): W8A8 linears peak at {limits['peak'] / passes:.0f}x {base}." if passes > 1 else "")
     lines = ["", f"Int8 limit on this processor kind ({limits['profile']}: int8 peak {limits['peak']:.0f}x {base} "
                  f"per cycle). In the {base} forward, linears take {limits['linear_share']:.1%} and attention's own "
                  f"computation {limits['attention_share']:.1%}: int8 linears at peak allow "
                  f"{limits['linears_at_peak']:.2f}x {base} (free linears {limits['linears_free']:.2f}x); with "
                  f"attention's matmuls in int8 too, {limits['linears_attention_at_peak']:.2f}x (both free "
-                 f"{limits['linears_attention_free']:.2f}x).", "",
+                 f"{limits['linears_attention_free']:.2f}x).{eight_bit}", "",
              f"| recipe | x {base} | of the int8-linears limit |", "|---|---:|---:|"]
     lines += [f"| {name} | {r['x_base']:.2f} | {r['of_limit']:.0%} |" for name, r in limits["recipes"].items()]
     return lines
@@ -101,8 +103,7 @@ def markdown_report(results: dict) -> str:
         lines += ["", f"The linear layers the presets quantize take {bound['linear_share']:.1%} of the fp32 forward "
                       f"(forward hooks, median of {meta['config']['reps']}): with linears that cost nothing a forward "
                       f"would reach {bound['free_linears_x_fp32']:.2f}x fp32 at most; W8A8 static's forward implies "
-                      f"linears at {_fmt(bound['w8a8_static_linears_x_fp32'], '.2f')}x fp32 (VNNI's int8 peak is "
-                      "~4x fp32 per cycle)."]
+                      f"linears at {_fmt(bound['w8a8_static_linears_x_fp32'], '.2f')}x fp32."]
     lines += _int8_limit_lines(rows, machine)
     lines += ["", "## Targets", "", "| target | measured | threshold | result |", "|---|---:|---:|---|"]
     for t in results["targets"]:

@@ -70,9 +70,12 @@ def linear_bound(rows: dict) -> dict | None:
 # Per CPU profile (quant.kernels.PROFILES): the int8 GEMM's peak multiply-adds per cycle over those of the fastest
 # float GEMM of that kind of processor, and which float that is. VNNI's vpdpbusd does 64 int8 multiply-adds per
 # 512-bit instruction, an fp32 FMA 16 and AVX512-BF16's vdpbf16ps 32; AMX's int8 tiles do twice its bf16 tiles'.
-# AVX2 without VNNI has twice fp32's int8 rate, but exact products take two passes there (quant.kernels._qlinear):
-# like a processor without an int8 dot product ("generic"), it has no int8 limit above its float one to state.
-INT8_PEAK = {"vnni": (4.0, "fp32"), "vnni-bf16": (2.0, "bf16"), "amx": (2.0, "bf16")}
+# AVX2 without VNNI: vpmaddubsw and vpmaddwd do twice an fp32 FMA's multiply-adds per cycle. A processor without
+# an int8 dot product ("generic") has no int8 limit above its float one to state.
+INT8_PEAK = {"avx2": (2.0, "fp32"), "vnni": (4.0, "fp32"), "vnni-bf16": (2.0, "bf16"), "amx": (2.0, "bf16")}
+# Where 8-bit weights' exact products take more than one pass of that GEMM (quant.kernels._qlinear: AVX2's pairs
+# saturate beyond weights of +-64, so 8-bit weights go in twice and 4-bit ones once): their linears reach peak / passes.
+EIGHT_BIT_WEIGHT_PASSES = {"avx2": 2}
 
 
 def profile_name(machine: dict) -> str:
@@ -98,6 +101,7 @@ def int8_limits(rows: dict, profile: str) -> dict | None:
         return 1 / ((1 - share) + share / factor)
 
     limits = {"profile": profile, "peak": peak, "base": base, "linear_share": linear, "attention_share": attention,
+              "eight_bit_weight_passes": EIGHT_BIT_WEIGHT_PASSES.get(profile, 1),
               "linears_at_peak": bound(linear, peak), "linears_free": bound(linear, math.inf),
               "linears_attention_at_peak": bound(linear + attention, peak),
               "linears_attention_free": bound(linear + attention, math.inf)}

@@ -9,7 +9,8 @@ Three exact int8 x int8 paths, picked per device by `choose_kernel`:
               reference kernel (~1000x slower, `ONEDNN_VERBOSE=1` shows `ref_int8`): always pass uint8.
               The op takes one scalar activation scale: per-token scales are applied to its output.
               Without VNNI (AVX2) its products could saturate: the codes go in as two halves (`_qlinear`),
-              exact, at about fp32's speed (two GEMMs at ~2x fp32's rate each).
+              exact, at about fp32's speed (two GEMMs at ~2x fp32's rate each), except for weights within
+              +-64 (4-bit codes), which cannot saturate and take one pass (~2x fp32's speed).
   "int_mm"    `torch._int_mm` (int8 x int8 -> int32, 2-D), any CPU; the weight is a transposed view. On x86 it
               runs no SIMD int8 kernel (a 514 x 1536 x 1536 product took 25x fp32's time on an AVX2 EPYC,
               where oneDNN's took 0.43x): the fallback where oneDNN's ops are missing or the CPU lacks AVX2.
@@ -68,6 +69,8 @@ WEIGHT_ONLY_ENV = "QUANT_WEIGHT_ONLY_KERNEL"
 WEIGHT_ONLY_CHOICES = ("auto", "resident", "packed", "dequant")
 _INT4PACK_GROUPS = (256, 128, 64, 32)  # the scale group sizes `_weight_int4pack_mm_for_cpu` accepts
 _U8_ZERO_POINT = 128  # oneDNN's fast x86 int8 kernels want unsigned activations: codes + 128
+# AVX2's vpmaddubsw sums two uint8 x int8 products into int16: 2 x 255 x 64 = 32640 fits, 2 x 255 x 65 does not
+_UNSATURATED_WEIGHT_MAX = 64
 _ROUNDER = 1.5 * 2**23  # float32 x + this rounds x to an integer held in the low bits (`_rounded_codes`)
 _forced: str | None = None
 PROFILE_ENV = "QUANT_CPU_PROFILE"
@@ -387,9 +390,10 @@ class PreparedWeight:
 
     codes: int8 (N, K) weight codes. int_mm / cuda multiply them as a transposed view (the stored buffer
     itself for int8 weights; for int4 the unpacked codes, which this object then owns: `owns_codes`);
-    onednn blocks them into its own opaque copy. own_bytes: what this object allocated. replaces_stored:
-    it holds its own full copy of the weight from which `int8_codes()` gives the codes back exactly, so the
-    layer may free its stored buffer and keep one copy.
+    onednn blocks them into its own opaque copy (`one_pass`: its codes lie within +-64, so their products by
+    uint8 activations cannot saturate even without VNNI, see `_qlinear`). own_bytes: what this object
+    allocated. replaces_stored: it holds its own full copy of the weight from which `int8_codes()` gives the
+    codes back exactly, so the layer may free its stored buffer and keep one copy.
     """
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, kernel: str, *, owns_codes: bool):
@@ -398,6 +402,8 @@ class PreparedWeight:
         self.scale = scale.float().contiguous()  # (N,)
         if kernel == "onednn":
             self.codes = None
+            lowest, highest = codes.aminmax()
+            self.one_pass = max(-int(lowest), int(highest)) <= _UNSATURATED_WEIGHT_MAX
             self.packed = torch.ops.onednn.qlinear_prepack(codes.contiguous(), None)
             self.zero_points = torch.zeros(self.out_features, dtype=torch.long)
             self.own_bytes = codes.numel()  # the blocked copy: one byte per weight (opaque layout)
@@ -450,10 +456,11 @@ def _qlinear(codes_u8: torch.Tensor, x_scale: float, w: PreparedWeight, bias: to
              split: bool | None = None):
     """oneDNN's int8 linear of uint8 codes (zero point 128). On x86 without VNNI its kernels multiply with AVX2's
     vpmaddubsw, which saturates each pair of u8 x s8 products at 32767 (255 x 127 x 2 = 64770 does not fit):
-    there (`split` None: the real CPU decides, not the profile) the codes go in as two halves that cannot
-    saturate, u = 2 h + l with h = u >> 1 (<= 127, zero point 64) and l = u & 1 (zero point 0), summed."""
+    there (`split` None: the real CPU and the weight decide, not the profile) the codes go in as two halves that
+    cannot saturate, u = 2 h + l with h = u >> 1 (<= 127, zero point 64) and l = u & 1 (zero point 0), summed,
+    unless the weight's codes are small enough that no pair saturates (`PreparedWeight.one_pass`)."""
     if split is None:
-        split = not detected_cpu_profile().vnni
+        split = not (detected_cpu_profile().vnni or w.one_pass)
     if not split:
         return _onednn_call(codes_u8, float(x_scale), _U8_ZERO_POINT, w, bias)
     high = _onednn_call(codes_u8 >> 1, 2.0 * float(x_scale), _U8_ZERO_POINT // 2, w, bias)

@@ -7,8 +7,9 @@ Each step runs in its own process, so each peak RSS (`wait4`'s ru_maxrss) is tha
   calibrate  `ptq-quantize calibrate` under the default plan -> statistics file
   quantize   `ptq-quantize quantize --preset w8a8-smoothquant --stats-in ...` -> quantized-model file
   app        `ptq-lab --quantized FILE` (no statistics): time to the first page, then /generate for a 3 s clip at
-             8 steps with the served calibrated recipe and with w8a8-dynamic (the served model makes room for it:
-             the quantized-model budget holds one W8A8 DiT); the app must not calibrate
+             8 steps with the served calibrated recipe, then with w8a8-dynamic and w4a8-dynamic (each built by the
+             app; the quantized-model budget holds one W8A8 DiT, so each makes room for the next); the app must
+             not calibrate
   identity   the CLI's file loaded, saved and reloaded bit-identically; the app's cache, given the same statistics,
              builds the same tensors as the CLI
 A watchdog kills a step whose RSS passes --memory-limit-gib (the machine is shared). Writes OUT/sao-check.json,
@@ -29,7 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-CALIBRATED, DYNAMIC = "w8a8-smoothquant", "w8a8-dynamic"
+CALIBRATED = "w8a8-smoothquant"
+BUILT_BY_APP = ("w8a8-dynamic", "w4a8-dynamic")  # need no statistics: the app quantizes them itself
 REQUEST = dict(prompt="soft sine tone at A4", negative="", seconds=3.0, steps=8, cfg=7.0, sampler="dpmpp-3m-sde",
                seed="1", layer="transformer.layers.12.ff.ff.2")
 TARGET_APP_PEAK_GIB = 8.0  # FP model (4.5 GiB) + quantized DiTs within APP_QUANTIZED_MEMORY_GIB + working set
@@ -136,7 +138,7 @@ def app_step(model_args: list[str], quantized: Path, out: Path, limit_gib: float
             print(f"[app] first page after {result['first_page_seconds']} s", flush=True)
             client = Client(url + "admin/", auth=("admin", password), verbose=False)
             result["comparisons"] = {}
-            for recipe in (CALIBRATED, DYNAMIC):
+            for recipe in (CALIBRATED, *BUILT_BY_APP):
                 precision, method = recipe.split("-")
                 began = time.perf_counter()
                 outputs = client.predict(**{**REQUEST, "precision": precision.upper(), "method": method,

@@ -39,6 +39,10 @@ def test_int8_limits_follow_the_shares_and_the_kinds_peak():
     # VNNI without native bf16: the fp32 forward and 4x fp32
     vnni = targets.int8_limits(rows_with(0.6, 0.2), "vnni")
     assert vnni["base"] == "fp32" and vnni["linears_at_peak"] == pytest.approx(1 / (0.1 + 0.9 / 4))
+    assert vnni["eight_bit_weight_passes"] == 1
+    # AVX2: 2x fp32, which 8-bit weights reach at half (two exact passes)
+    avx2 = targets.int8_limits(rows_with(0.6, 0.2, "fp32"), "avx2")
+    assert (avx2["base"], avx2["peak"], avx2["eight_bit_weight_passes"]) == ("fp32", 2.0, 2)
     assert targets.int8_limits(rows_with(0.6, 0.2), "generic") is None  # no int8 dot product: no limit to state
     assert targets.int8_limits({"bf16": {"speed": {"float_s": 1.0}}}, "amx") is None  # no shares measured
 
@@ -48,5 +52,8 @@ def test_the_report_prints_the_limit_of_the_runs_processor_kind():
     assert targets.profile_name(machine) == "vnni-bf16"
     text = "\n".join(report._int8_limit_lines(rows_with(0.6, 0.2), machine))
     assert "vnni-bf16" in text and "60.0%" in text and "20.0%" in text and "1.43x" in text
+    assert "passes" not in text
+    avx2 = "\n".join(report._int8_limit_lines(rows_with(0.6, 0.2, "fp32"), {"cpu_profile": "avx2, detected"}))
+    assert "2 passes" in avx2 and "W8A8 linears peak at 1x fp32" in avx2
     assert "| w8a8-static | 1.60 | 112% |" in text
     assert report._int8_limit_lines(rows_with(0.6, 0.2), {"cpu_profile": "generic, detected: VNNI no"}) == []

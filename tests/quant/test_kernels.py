@@ -81,6 +81,25 @@ def test_onednn_products_are_exact_on_full_range_codes():
     codes_u8 = (a.to(torch.int16) + 128).to(torch.uint8)
     assert torch.equal(kernels._qlinear(codes_u8, 1.0, weight, None), expected)
     assert torch.equal(kernels._qlinear(codes_u8, 1.0, weight, None, split=True), expected)
+    assert not weight.one_pass
+
+
+@pytest.mark.skipif(len(KERNELS) < 2, reason="the oneDNN int8 ops are not in this torch")
+def test_weights_within_64_take_one_exact_pass():
+    """Weights within +-64 (every 4-bit code) cannot saturate a pair of uint8 products even on AVX2, so they go
+    through oneDNN in one pass: exact on every CPU, including the extreme pairs 2 x 255 x (+-64)."""
+    torch.manual_seed(1)
+    b = torch.randint(-64, 65, (80, 512), dtype=torch.int8)
+    b[:2] = torch.tensor([64, -64], dtype=torch.int8)[:, None]  # whole rows at either bound
+    codes_u8 = torch.randint(0, 256, (48, 512), dtype=torch.uint8)
+    codes_u8[:2] = torch.tensor([255, 0], dtype=torch.uint8)[:, None]  # x - 128 at +127 and -128
+    weight = kernels.PreparedWeight(b, torch.ones(80), "onednn", owns_codes=False)
+    expected = torch._int_mm((codes_u8.to(torch.int16) - 128).to(torch.int8), b.t()).float()
+    assert weight.one_pass
+    assert torch.equal(kernels._qlinear(codes_u8, 1.0, weight, None, split=False), expected)
+    assert torch.equal(kernels._qlinear(codes_u8, 1.0, weight, None), expected)
+    b[5, 7] = 65
+    assert not kernels.PreparedWeight(b, torch.ones(80), "onednn", owns_codes=False).one_pass
 
 
 @pytest.mark.skipif(len(KERNELS) < 2, reason="the oneDNN int8 ops are not in this torch")
@@ -96,6 +115,7 @@ def test_onednn_and_int_mm_agree(use_kernel, method, w_bits):
             outputs[kernel] = layer(x)
     # same integer accumulators; only the float rescale may round differently
     assert torch.allclose(outputs["onednn"], outputs["int_mm"], rtol=1e-5, atol=1e-5)
+    assert layer._prepared[2].one_pass == (w_bits == 4)  # 4-bit codes never saturate: one pass on AVX2 too
 
 
 def test_missing_onednn_falls_back_to_int_mm(monkeypatch, use_kernel):
