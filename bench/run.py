@@ -26,7 +26,7 @@ from bench.machine import load_average, machine_info
 from bench.report import NOTES, write_outputs
 from bench.shape import memory_at_shape, speed_at_shape
 from bench.studies import mixed_precision_study, sensitivity_study, sqd_sweep
-from bench.targets import add_speedups, check_targets
+from bench.targets import add_speedups, check_targets, profile_name
 from bench.torchao import torchao_speed
 
 COMMAND = "python -m bench"
@@ -49,7 +49,7 @@ def run(cfg: BenchConfig, command: str = COMMAND) -> dict:
         results["meta"]["duration_s"] = time.time() - started
         results["meta"]["load_average_end"] = load_average()
         add_speedups(rows)
-        results["targets"] = check_targets(rows)
+        results["targets"] = check_targets(rows, profile_name(results["meta"]["machine"]))
         write_outputs(results, cfg.out, chart=chart)
 
     @contextlib.contextmanager

@@ -114,9 +114,18 @@ def int8_limits(rows: dict, profile: str) -> dict | None:
     return {**limits, "recipes": recipes}
 
 
-def check_targets(rows: dict[str, dict]) -> list[dict]:
+# W8A8 static's speed-up targets that hold on one processor kind only (profile -> what they read, threshold): its
+# fastest float path is the base. Every kind is also held to 1.2x its fastest float path; on AVX2 8-bit weights
+# cannot reach it (int8_limits: two passes), which the limit paragraph of the report states.
+KIND_SPEED_TARGETS = {"vnni": ("fp32", 3.5), "vnni-bf16": ("the fastest float path", 1.8)}
+KIND_NAMES = {"vnni": "VNNI without native bf16", "vnni-bf16": "VNNI + AVX512-BF16"}
+OTHER_KIND = "other kind"
+
+
+def check_targets(rows: dict[str, dict], profile: str | None = None) -> list[dict]:
     """Every performance target: {"target", "value", "op", "threshold", "result"}, where result is "pass",
-    "miss" or "not measured" (value None: the row or section was not run, or the value is NaN)."""
+    "miss", "not measured" (value None: the row or section was not run, or the value is NaN) or "other kind" (a
+    target of another processor kind than `profile`, the run's CPU profile; None: every target applies)."""
     def value(row, section, key):
         v = rows.get(row, {}).get(section, {}).get(key)
         return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
@@ -126,18 +135,22 @@ def check_targets(rows: dict[str, dict]) -> list[dict]:
 
     targets = []
 
-    def add(name, measured, op, threshold):
+    def add(name, measured, op, threshold, kind=None):
         passed = None if measured is None else (measured >= threshold if op == ">=" else measured <= threshold)
+        result = "not measured" if passed is None else "pass" if passed else "miss"
         targets.append({"target": name, "value": measured, "op": op, "threshold": threshold,
-                        "result": "not measured" if passed is None else "pass" if passed else "miss"})
+                        "result": OTHER_KIND if kind and profile and kind != profile else result})
 
     def seconds(name):
         return row_seconds(rows, name) if rows.get(name, {}).get("speed", {}).get("integer_s") else None
 
     static8 = seconds("w8a8-static")
-    add("W8A8 static integer DiT forward, speed-up vs fp32", ratio(row_seconds(rows, "fp32"), static8), ">=", 3.5)
+    base_seconds = {"fp32": row_seconds(rows, "fp32"), "the fastest float path": fastest_float_seconds(rows)}
+    for kind, (base, threshold) in KIND_SPEED_TARGETS.items():
+        add(f"W8A8 static integer DiT forward, speed-up vs {base} ({KIND_NAMES[kind]})",
+            ratio(base_seconds[base], static8), ">=", threshold, kind)
     add("W8A8 static integer DiT forward, speed-up vs the fastest float path",
-        ratio(fastest_float_seconds(rows), static8), ">=", 1.2)
+        ratio(base_seconds["the fastest float path"], static8), ">=", 1.2)
     for bits in (8, 4):
         for method in ("dynamic", "sqd"):
             add(f"W{bits}A8 {method} time / W{bits}A8 static time (integer)",

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bench import config, run
+from bench import targets as bench_targets
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -86,14 +87,20 @@ def test_quick_targets_follow_the_measured_rows(quick):
     results = quick[1]
     rows, targets = results["rows"], {t["target"]: t for t in results["targets"]}
     assert len(targets) == len(results["targets"])  # names are unique
+    profile = bench_targets.profile_name(results["meta"]["machine"])
     for t in results["targets"]:
-        if t["value"] is None:
+        kind = next((k for k, name in bench_targets.KIND_NAMES.items() if t["target"].endswith(f"({name})")), None)
+        if kind not in (None, profile):  # a target of another processor kind than the run's
+            assert t["result"] == "other kind", t
+        elif t["value"] is None:
             assert t["result"] == "not measured", t
         else:
             passed = t["value"] >= t["threshold"] if t["op"] == ">=" else t["value"] <= t["threshold"]
             assert t["result"] == ("pass" if passed else "miss"), t
+    assert sum(t["result"] == "other kind" for t in results["targets"]) == len(bench_targets.KIND_NAMES) - (
+        profile in bench_targets.KIND_NAMES)
     # measured values are the rows' own numbers; targets on rows the quick run lacks are not measured
-    speedup = targets["W8A8 static integer DiT forward, speed-up vs fp32"]["value"]
+    speedup = targets["W8A8 static integer DiT forward, speed-up vs fp32 (VNNI without native bf16)"]["value"]
     static = rows["w8a8-static"]["speed"]
     assert speedup == pytest.approx(static["fp32_paired_s"] / static["integer_s"])  # fp32 timed alongside it
     assert static["integer_x_fp32"] == pytest.approx(speedup)
