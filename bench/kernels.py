@@ -5,9 +5,9 @@
 One linear layer of each of SAO's three width pairs (K x N: 1536 x 1536, 1536 x 6144, 6144 x 1536) on `--tokens`
 rows (514 = CFG batch 2 x (256 latent tokens + 1 global token)): the float paths (fp32, bf16), every weight-only
 path of `quant.kernels.WeightOnlyWeight`, and the int8 paths (W8A8 with static and dynamic activations, W4A8
-dynamic; each CPU kernel this torch has) with the activation quantizers and dynamic's output rescale alone. All
-timed interleaved (one call of each per round), median milliseconds, so a busy moment on a shared machine slows one
-round, not one path. Torch loads in `main`, after OMP_WAIT_POLICY defaults to PASSIVE (idle threads sleep rather
+dynamic; each CPU kernel this torch has) with the activation quantizers, the rotated presets' activation rotation
+and dynamic's output rescale alone. All timed interleaved (one call of each per round), median milliseconds, so a
+busy moment on a shared machine slows one round, not one path. Torch loads in `main`, after OMP_WAIT_POLICY defaults to PASSIVE (idle threads sleep rather
 than spin on a shared machine).
 """
 from __future__ import annotations
@@ -25,6 +25,8 @@ def layer_paths(tokens: int, k: int, n: int) -> dict:
 
     from quant import kernels
     from quant.primitives import pack_int4, quantize_weight, unpack_int4
+    from quant.recipes import ROTATION_BLOCK
+    from quant.rotation import MATMUL_BLOCK, hadamard, rotate
 
     g = torch.Generator().manual_seed(k + n)
     x = torch.randn(tokens, k, generator=g)
@@ -53,6 +55,10 @@ def layer_paths(tokens: int, k: int, n: int) -> dict:
         paths[f"W4A8 {kernel} dynamic"] = lambda p=prepared: p.linear(x, 8, None, bias)
     paths["quantize per tensor (static)"] = lambda: kernels.quantize_per_tensor(x, act_scale, 8, unsigned=True)
     paths["quantize per token (dynamic)"] = lambda: kernels.quantize_per_token(x, 8, unsigned=True)
+    # the rotated presets' activation rotation (quant.rotation.rotate), and the single matmul it replaces
+    block = ROTATION_BLOCK
+    paths[f"rotate (Hadamard {block}: H_{MATMUL_BLOCK} matmul + butterflies)"] = lambda: rotate(x, block)
+    paths[f"rotate as one matmul by H_{block}"] = lambda: (x.view(tokens, k // block, block) @ hadamard(block)).view(x.shape)
     y, token_scale = torch.randn(tokens, n, generator=g), kernels.quantize_per_token(x, 8)[1]
     # what dynamic adds after oneDNN's GEMM (static's scale and bias ride in its epilogue): one pass over the output
     paths["per-token scale + bias on the output (dynamic)"] = lambda: torch.addcmul(bias, y, token_scale)

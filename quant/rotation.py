@@ -4,8 +4,7 @@ For an orthogonal R, y = x W^T = (x R)(W R)^T. Rotating spreads a loud input cha
 channels of its block (each rotated channel gets 1/sqrt(block) of it), so per-tensor and per-token
 activation scales waste fewer levels on outlier channels, and the rotated weight's rows lose their own
 outliers the same way. The weight is rotated once, before quantizing (what is stored is Q(W R)); the
-activation is rotated at run time, before it is quantized (one small float matmul per layer:
-(tokens, in / block, block) @ (block, block)).
+activation is rotated at run time, before it is quantized (`rotate`: a small float matmul and butterflies).
 
 R = diag(H, ..., H) with H the normalised Sylvester-Hadamard matrix of size `block` (a power of two), which is
 symmetric and its own inverse, so rotating twice gives x back. A recipe's rotation is the largest block: each
@@ -60,12 +59,28 @@ def hadamard(block: int, device=None, dtype=torch.float32) -> torch.Tensor:
     return _hadamard_cpu(block).to(device=device, dtype=dtype)
 
 
+MATMUL_BLOCK = 32  # the largest Hadamard factor `rotate` multiplies as a matrix; larger blocks end in butterflies
+
+
 def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
     """x R on the last dimension: x (..., in) -> (..., in), R = diag(H_block, ...). Its own inverse.
 
     Also rotates a weight (out, in) along its input channels: W R, so that (x R)(W R)^T = x W^T.
+
+    Sylvester's H_block = H_2 x ... x H_2 x H_sub (Kronecker), so x R is a matmul by H_sub (sub = MATMUL_BLOCK or
+    less), then one butterfly (a, b) -> (a + b, a - b) per remaining factor of 2, in place on the product. A
+    (tokens, 128) @ H_128 is compute-bound at 2 x 128 flops per value; this does 2 x 32 and two adds per butterfly,
+    whose two in-place passes cost less than the flops they save (`python -m bench.kernels` times both forms).
     """
     in_features = x.shape[-1]
     check_block(block, in_features)
-    h = hadamard(block, x.device, x.dtype)
-    return (x.reshape(*x.shape[:-1], in_features // block, block) @ h).reshape(x.shape)
+    sub = min(block, MATMUL_BLOCK)
+    y = x.reshape(-1, sub) @ (hadamard(sub, x.device, x.dtype) * (sub / block) ** 0.5)  # H_sub scaled for H_block
+    half = sub
+    while half < block:
+        pairs = y.view(-1, block // (2 * half), 2, half)
+        a, b = pairs[:, :, 0], pairs[:, :, 1]
+        a.add_(b)
+        torch.add(a, b, alpha=-2, out=b)  # (a + b) - 2 b = a - b: in place, no temporary
+        half *= 2
+    return y.reshape(x.shape)

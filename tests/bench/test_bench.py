@@ -193,5 +193,6 @@ def test_kernel_table_times_every_path_at_each_sao_shape():
     for timings in table.values():
         assert {"fp32 F.linear", "bf16 F.linear", "W8A8 int_mm dynamic", "W4A8 int_mm dynamic",
                 "quantize per token (dynamic)"} <= set(timings)
+        assert sum(name.startswith("rotate") for name in timings) == 2  # the presets' form and one matmul
         assert sum(name.startswith(("W8A16", "W4A16")) for name in timings) == 6  # 3 paths x 2 weight widths
         assert all(ms > 0 for ms in timings.values())

@@ -74,6 +74,18 @@ def test_hadamard_blocks_are_orthogonal_and_their_own_inverse():
     assert torch.allclose(rotation.rotate(rotation.rotate(x, 64), 64), x, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [2, rotation.MATMUL_BLOCK, 2 * rotation.MATMUL_BLOCK, 128, 256])
+def test_rotate_multiplies_by_the_block_diagonal_hadamard(block):
+    """The matmul-and-butterflies form equals x @ diag(H_block, ...) written out, on a strided input too, and
+    leaves the cached Hadamard matrices as they were."""
+    before = {n: rotation.hadamard(n).clone() for n in (block, min(block, rotation.MATMUL_BLOCK))}
+    x = torch.randn(3, 512, 5, dtype=torch.float64).transpose(1, 2)  # (3, 5, 512), not contiguous
+    written_out = torch.block_diag(*[rotation.hadamard(block, dtype=torch.float64)] * (512 // block))
+    assert torch.allclose(rotation.rotate(x, block), x @ written_out, rtol=0, atol=1e-6)
+    assert torch.allclose(rotation.rotate(x.float(), block).double(), x @ written_out, rtol=0, atol=1e-5)
+    assert all(torch.equal(rotation.hadamard(n), h) for n, h in before.items())
+
+
 @pytest.mark.parametrize("method, block", [("static", 128), ("smoothquant", 64), ("sqd", 256)])
 def test_rotation_leaves_the_float_output_unchanged(method, block):
     """The stored weight copy and the run-time activation are rotated (and smoothed) so that, before rounding,
