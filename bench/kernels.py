@@ -7,8 +7,8 @@ rows (514 = CFG batch 2 x (256 latent tokens + 1 global token)): the float paths
 path of `quant.kernels.WeightOnlyWeight`, and the int8 paths (W8A8 with static and dynamic activations, W4A8
 dynamic; each CPU kernel this torch has) with the activation quantizers, the rotated presets' activation rotation
 and dynamic's output rescale alone. All timed interleaved (one call of each per round), median milliseconds, so a
-busy moment on a shared machine slows one round, not one path. Torch loads in `main`, after OMP_WAIT_POLICY defaults to PASSIVE (idle threads sleep rather
-than spin on a shared machine).
+busy moment on a shared machine slows one round, not one path. Torch loads in `main`, after OMP_WAIT_POLICY
+defaults to PASSIVE (idle threads sleep rather than spin on a shared machine).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def layer_paths(tokens: int, k: int, n: int) -> dict:
     # the rotated presets' activation rotation (quant.rotation.rotate), and the single matmul it replaces
     block = ROTATION_BLOCK
     paths[f"rotate (Hadamard {block}: H_{MATMUL_BLOCK} matmul + butterflies)"] = lambda: rotate(x, block)
-    paths[f"rotate as one matmul by H_{block}"] = lambda: (x.view(tokens, k // block, block) @ hadamard(block)).view(x.shape)
+    paths[f"rotate as one matmul by H_{block}"] = lambda: (x.view(-1, block) @ hadamard(block)).view(x.shape)
     y, token_scale = torch.randn(tokens, n, generator=g), kernels.quantize_per_token(x, 8)[1]
     # what dynamic adds after oneDNN's GEMM (static's scale and bias ride in its epilogue): one pass over the output
     paths["per-token scale + bias on the output (dynamic)"] = lambda: torch.addcmul(bias, y, token_scale)
